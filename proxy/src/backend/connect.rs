@@ -1,0 +1,153 @@
+//! Opening a backend connection: TCP connect, StartupMessage, login (SCRAM, md5 or
+//! cleartext, driven by pgwarden-auth), then ParameterStatus, BackendKeyData and the first
+//! ReadyForQuery.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use pgwarden_auth::{BackendLogin, LoginError, LoginStep, Secret};
+use pgwarden_protocol::backend::{self, ErrorFields};
+use pgwarden_protocol::frame::take_message;
+use pgwarden_protocol::startup::{encode_startup, CancelKey};
+use pgwarden_protocol::ProtocolError;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Largest message accepted from a backend during login.
+const MAX_LOGIN_MESSAGE: usize = 64 * 1024;
+
+/// What a successful login yields.
+pub struct LoggedIn {
+    pub stream: TcpStream,
+    pub addr: SocketAddr,
+    pub key: CancelKey,
+    /// ParameterStatus values in the order the server sent them.
+    pub params: Vec<(String, String)>,
+    /// Bytes read past the first ReadyForQuery (normally none).
+    pub leftover: BytesMut,
+}
+
+/// Why a backend login failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("could not connect to {host}:{port}: {source}")]
+    Io {
+        host: String,
+        port: u16,
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to the database after {0:?}")]
+    Timeout(Duration),
+    /// Postgres refused the login; `raw` is its ErrorResponse, relayed to the client as is.
+    #[error("the database refused the login: {} ({})", .fields.message, .fields.code)]
+    Server { fields: ErrorFields, raw: Bytes },
+    #[error("backend sent invalid protocol during login: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error(transparent)]
+    Login(#[from] LoginError),
+    #[error("backend closed the connection during login")]
+    Closed,
+}
+
+impl ConnectError {
+    /// Worth another attempt (the server may be restarting); a refusal by Postgres is not.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::Io { .. } | ConnectError::Closed | ConnectError::Timeout(_)
+        ) || matches!(self, ConnectError::Server { fields, .. } if fields.code == "57P03")
+    }
+}
+
+/// Connects and logs in to `host:port` as `user` on `database`, within `timeout`.
+pub async fn connect(
+    host: &str,
+    port: u16,
+    database: &str,
+    user: &str,
+    password: &Secret,
+    timeout: Duration,
+) -> Result<LoggedIn, ConnectError> {
+    tokio::time::timeout(timeout, login(host, port, database, user, password))
+        .await
+        .map_err(|_| ConnectError::Timeout(timeout))?
+}
+
+async fn login(
+    host: &str,
+    port: u16,
+    database: &str,
+    user: &str,
+    password: &Secret,
+) -> Result<LoggedIn, ConnectError> {
+    let io_error = |source| ConnectError::Io {
+        host: host.to_owned(),
+        port,
+        source,
+    };
+    let mut stream = TcpStream::connect((host, port)).await.map_err(io_error)?;
+    stream.set_nodelay(true).map_err(io_error)?;
+    let addr = stream.peer_addr().map_err(io_error)?;
+
+    let mut out = BytesMut::with_capacity(256);
+    encode_startup(
+        &[
+            ("user", user),
+            ("database", database),
+            ("client_encoding", "UTF8"),
+            ("application_name", "pgwarden"),
+        ],
+        &mut out,
+    );
+    stream.write_all(&out).await.map_err(io_error)?;
+
+    let mut login = BackendLogin::new(user, password.clone());
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut params = Vec::new();
+    let mut key = None;
+    loop {
+        let (tag, body) = loop {
+            if let Some(message) = take_message(&mut buf, MAX_LOGIN_MESSAGE)? {
+                break message;
+            }
+            if stream.read_buf(&mut buf).await.map_err(io_error)? == 0 {
+                return Err(ConnectError::Closed);
+            }
+        };
+        match tag {
+            backend::AUTHENTICATION => match login.respond(&body)? {
+                LoginStep::Send(reply) => stream.write_all(&reply).await.map_err(io_error)?,
+                LoginStep::Ok | LoginStep::Continue => {}
+            },
+            backend::PARAMETER_STATUS => {
+                let (name, value) = backend::parse_parameter_status(&body)?;
+                params.push((name.to_owned(), value.to_owned()));
+            }
+            backend::BACKEND_KEY_DATA => key = Some(backend::parse_backend_key_data(&body)?),
+            backend::ERROR_RESPONSE => {
+                let fields = ErrorFields::parse(&body)?;
+                let mut raw = BytesMut::with_capacity(body.len() + 5);
+                pgwarden_protocol::frame::write_message(&mut raw, tag, |b| {
+                    b.extend_from_slice(&body)
+                });
+                return Err(ConnectError::Server {
+                    fields,
+                    raw: raw.freeze(),
+                });
+            }
+            backend::NOTICE_RESPONSE | backend::NEGOTIATE_PROTOCOL_VERSION => {}
+            backend::READY_FOR_QUERY => {
+                let key = key.ok_or(ProtocolError::Malformed("login without BackendKeyData"))?;
+                return Ok(LoggedIn {
+                    stream,
+                    addr,
+                    key,
+                    params,
+                    leftover: buf,
+                });
+            }
+            other => return Err(ProtocolError::Unexpected(other as char).into()),
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Backend connections: a logged-in socket to Postgres and what pgwarden knows about it.
+
+pub mod connect;
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use pgwarden_protocol::startup::CancelKey;
+use prometheus::IntGauge;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::pool::Slot;
+
+pub use connect::{connect, ConnectError, LoggedIn};
+
+/// A logged-in backend connection, owned by exactly one pool slot.
+pub struct BackendConn {
+    pub stream: TcpStream,
+    /// The backend's own cancel key, used to forward a client's CancelRequest.
+    pub key: CancelKey,
+    /// The address the key is valid for.
+    pub addr: SocketAddr,
+    /// Process id, for logs.
+    pub pid: i32,
+    /// When this connection must be closed at its next release (lifetime, jittered).
+    pub expires_at: Instant,
+    /// When it last went back to the pool, for `idle_timeout`.
+    pub idle_since: Instant,
+    /// Read buffer kept with the connection so a busy backend does not allocate per borrow.
+    pub read_buf: BytesMut,
+    /// The pool slot; dropping the connection frees it.
+    _slot: Slot,
+    /// A share of the target's `max_backend_connections`.
+    _capacity: OwnedSemaphorePermit,
+    /// Whether the connection sits in its pool's idle list (for the state gauges).
+    idle: bool,
+    idle_gauge: IntGauge,
+    borrowed_gauge: IntGauge,
+}
+
+impl Drop for BackendConn {
+    fn drop(&mut self) {
+        self.state_gauge().dec();
+    }
+}
+
+impl BackendConn {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        stream: TcpStream,
+        key: CancelKey,
+        addr: SocketAddr,
+        expires_at: Instant,
+        read_buf: BytesMut,
+        slot: Slot,
+        capacity: OwnedSemaphorePermit,
+        idle_gauge: IntGauge,
+        borrowed_gauge: IntGauge,
+    ) -> Self {
+        borrowed_gauge.inc();
+        Self {
+            stream,
+            pid: key.pid,
+            key,
+            addr,
+            expires_at,
+            idle_since: Instant::now(),
+            read_buf,
+            _slot: slot,
+            _capacity: capacity,
+            idle: false,
+            idle_gauge,
+            borrowed_gauge,
+        }
+    }
+
+    fn state_gauge(&self) -> &IntGauge {
+        if self.idle {
+            &self.idle_gauge
+        } else {
+            &self.borrowed_gauge
+        }
+    }
+
+    /// Moves the connection between the idle and borrowed gauges.
+    pub(crate) fn set_idle(&mut self, idle: bool) {
+        if self.idle != idle {
+            self.state_gauge().dec();
+            self.idle = idle;
+            self.state_gauge().inc();
+        }
+    }
+
+    /// True when the server has closed the socket or sent something unprompted (such as the
+    /// FATAL error of `pg_terminate_backend`) while the connection sat idle. Such a
+    /// connection is discarded instead of being handed to a client.
+    pub fn is_broken(&self) -> bool {
+        let mut probe = [0u8; 1];
+        match self.stream.try_read(&mut probe) {
+            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+            Ok(_) => true,
+        }
+    }
+
+    pub fn is_expired(&self, now: Instant) -> bool {
+        now >= self.expires_at
+    }
+}
+
+impl std::fmt::Debug for BackendConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendConn")
+            .field("addr", &self.addr)
+            .field("pid", &self.pid)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,355 @@
+//! The configuration file: one TOML document, every field documented with its default.
+//!
+//! `docs/configuration.md` is the reference for operators; keep it in step with this file.
+//! Validation lives in [`Config::validate`], which reports every problem at once.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    /// Database endpoints. A client's startup `database` selects the first target whose
+    /// `databases` list contains it (or `"*"`).
+    #[serde(default)]
+    pub targets: Vec<TargetConfig>,
+}
+
+/// Listener, admin endpoint and client-facing limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address clients connect to. Default `127.0.0.1:6432`.
+    #[serde(default = "defaults::listen")]
+    pub listen: SocketAddr,
+    /// Address of the HTTP admin endpoint (`/metrics`, `/healthz`). Default `127.0.0.1:9930`.
+    #[serde(default = "defaults::admin_listen")]
+    pub admin_listen: SocketAddr,
+    /// Most client connections served at once; one more is refused with SQLSTATE 53300.
+    /// Default 10000.
+    #[serde(default = "defaults::max_client_connections")]
+    pub max_client_connections: usize,
+    /// Time a new client has to finish the startup and authentication phase. Default `10s`.
+    #[serde(default = "defaults::startup_timeout", with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// Time to wait for in-flight transactions on shutdown before closing. Default `30s`.
+    #[serde(default = "defaults::shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+/// How a target shares backend connections among clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A backend serves one transaction, then goes back to the pool (the default).
+    Transaction,
+    /// A backend serves one client for its whole session.
+    Session,
+}
+
+/// A database endpoint, the credentials pgwarden logs in with, and its pool limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// Name used in metrics and logs. Required, unique.
+    pub name: String,
+    /// Database host name or address. Required.
+    pub host: String,
+    /// Database port. Default 5432.
+    #[serde(default = "defaults::pg_port")]
+    pub port: u16,
+    /// Client database names this target serves; `"*"` serves any. Default `["*"]`.
+    #[serde(default = "defaults::databases")]
+    pub databases: Vec<String>,
+    /// `transaction` (default) or `session`.
+    #[serde(default = "defaults::pool_mode")]
+    pub pool_mode: PoolMode,
+    /// Most backend connections per (database, user) pool. Default 20.
+    #[serde(default = "defaults::pool_size")]
+    pub pool_size: usize,
+    /// Hard cap on backend connections across all pools of this target. Default 100.
+    #[serde(default = "defaults::max_backend_connections")]
+    pub max_backend_connections: usize,
+    /// Idle backend connections each pool keeps open once it exists. Default 0.
+    #[serde(default)]
+    pub min_idle: usize,
+    /// An idle backend connection is closed after this long (above `min_idle`). Default `10m`.
+    #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A backend connection is closed at its first release after this age, jittered by up
+    /// to 10% so connections opened together do not all close together. Default `1h`.
+    #[serde(default = "defaults::max_lifetime", with = "humantime_serde")]
+    pub max_lifetime: Duration,
+    /// Longest a client waits for a backend before it gets SQLSTATE 53300. Default `30s`.
+    #[serde(default = "defaults::borrow_timeout", with = "humantime_serde")]
+    pub borrow_timeout: Duration,
+    /// Time limit for one backend TCP connect plus login. Default `10s`.
+    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Most backend logins in progress at once, so a burst of clients does not stampede
+    /// the database. Default 8.
+    #[serde(default = "defaults::max_logins_in_flight")]
+    pub max_logins_in_flight: usize,
+    /// Sent to a backend before it goes back to the pool after a session-mode or pinned
+    /// client. Default `DISCARD ALL`.
+    #[serde(default = "defaults::reset_query")]
+    pub reset_query: String,
+    /// Where pgwarden's database logins come from.
+    pub credentials: CredentialsConfig,
+}
+
+/// A credential provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "provider", rename_all = "lowercase")]
+pub enum CredentialsConfig {
+    /// A local TOML file of `[[users]] name, password` (development, the demo).
+    File {
+        /// Path of the file; relative paths are relative to the config file.
+        path: PathBuf,
+    },
+}
+
+mod defaults {
+    use super::PoolMode;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    pub fn listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 6432))
+    }
+    pub fn admin_listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 9930))
+    }
+    pub fn max_client_connections() -> usize {
+        10_000
+    }
+    pub fn startup_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn shutdown_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn pg_port() -> u16 {
+        5432
+    }
+    pub fn databases() -> Vec<String> {
+        vec!["*".to_owned()]
+    }
+    pub fn pool_mode() -> PoolMode {
+        PoolMode::Transaction
+    }
+    pub fn pool_size() -> usize {
+        20
+    }
+    pub fn max_backend_connections() -> usize {
+        100
+    }
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(600)
+    }
+    pub fn max_lifetime() -> Duration {
+        Duration::from_secs(3600)
+    }
+    pub fn borrow_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn max_logins_in_flight() -> usize {
+        8
+    }
+    pub fn reset_query() -> String {
+        "DISCARD ALL".to_owned()
+    }
+}
+
+/// A configuration that could not be loaded; lists every problem found.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+impl Config {
+    /// Reads, parses and validates a config file. Relative credential paths are resolved
+    /// against the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for target in &mut config.targets {
+            let CredentialsConfig::File { path } = &mut target.credentials;
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates config text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every cross-field rule and returns all problems at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.targets.is_empty() {
+            problems.push("at least one [[targets]] entry is required".to_owned());
+        }
+        if self.server.max_client_connections == 0 {
+            problems.push("server.max_client_connections must be at least 1".to_owned());
+        }
+        if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
+            problems.push("server.listen and server.admin_listen must differ".to_owned());
+        }
+        let mut names = std::collections::HashSet::new();
+        for t in &self.targets {
+            let n = &t.name;
+            if n.is_empty() {
+                problems.push("a target has an empty name".to_owned());
+            }
+            if !names.insert(n.as_str()) {
+                problems.push(format!("target name {n:?} is used twice"));
+            }
+            if t.host.is_empty() {
+                problems.push(format!("target {n:?}: host is empty"));
+            }
+            if t.pool_size == 0 {
+                problems.push(format!("target {n:?}: pool_size must be at least 1"));
+            }
+            if t.max_backend_connections < t.pool_size {
+                problems.push(format!(
+                    "target {n:?}: max_backend_connections ({}) is below pool_size ({})",
+                    t.max_backend_connections, t.pool_size
+                ));
+            }
+            if t.min_idle > t.pool_size {
+                problems.push(format!(
+                    "target {n:?}: min_idle ({}) is above pool_size ({})",
+                    t.min_idle, t.pool_size
+                ));
+            }
+            if t.max_logins_in_flight == 0 {
+                problems.push(format!(
+                    "target {n:?}: max_logins_in_flight must be at least 1"
+                ));
+            }
+            if t.databases.is_empty() {
+                problems.push(format!(
+                    "target {n:?}: databases is empty (use [\"*\"] for any)"
+                ));
+            }
+            for (field, d) in [
+                ("borrow_timeout", t.borrow_timeout),
+                ("connect_timeout", t.connect_timeout),
+                ("max_lifetime", t.max_lifetime),
+                ("idle_timeout", t.idle_timeout),
+            ] {
+                if d.is_zero() {
+                    problems.push(format!("target {n:?}: {field} must be above zero"));
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The target that serves client database `database`, if any.
+    pub fn target_for(&self, database: &str) -> Option<usize> {
+        self.targets
+            .iter()
+            .position(|t| t.databases.iter().any(|d| d == "*" || d == database))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [server]
+        [[targets]]
+        name = "main"
+        host = "db.internal"
+        credentials = { provider = "file", path = "users.toml" }
+    "#;
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = Config::from_toml(MINIMAL).expect("valid");
+        assert_eq!(c.server.listen, "127.0.0.1:6432".parse().expect("addr"));
+        assert_eq!(c.server.max_client_connections, 10_000);
+        let t = &c.targets[0];
+        assert_eq!(t.port, 5432);
+        assert_eq!(t.pool_mode, PoolMode::Transaction);
+        assert_eq!(t.pool_size, 20);
+        assert_eq!(t.max_backend_connections, 100);
+        assert_eq!(t.borrow_timeout, Duration::from_secs(30));
+        assert_eq!(t.databases, vec!["*"]);
+        assert_eq!(t.reset_query, "DISCARD ALL");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let text = MINIMAL.replace("[server]", "[server]\nlisten_port = 1");
+        assert!(matches!(
+            Config::from_toml(&text),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn validation_reports_every_problem_at_once() {
+        let text = MINIMAL.replace(
+            "name = \"main\"",
+            "name = \"main\"\npool_size = 0\nmin_idle = 3\nborrow_timeout = \"0s\"",
+        );
+        let Err(ConfigError::Invalid(problems)) = Config::from_toml(&text) else {
+            panic!("invalid expected")
+        };
+        assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+
+    #[test]
+    fn targets_are_chosen_by_database() {
+        let text = format!(
+            "{MINIMAL}\n[[targets]]\nname = \"other\"\nhost = \"h\"\ndatabases = [\"x\"]\ncredentials = {{ provider = \"file\", path = \"u\" }}"
+        )
+        .replace("host = \"db.internal\"", "host = \"db.internal\"\ndatabases = [\"app\"]");
+        let c = Config::from_toml(&text).expect("valid");
+        assert_eq!(c.target_for("app"), Some(0));
+        assert_eq!(c.target_for("x"), Some(1));
+        assert_eq!(c.target_for("y"), None);
+    }
+}

@@ -1,0 +1,23 @@
+//! pgwarden: a PostgreSQL wire-protocol proxy that lets many short-lived clients share a
+//! small, bounded pool of backend connections.
+//!
+//! Owns everything with a socket, a task or shared state: configuration, the listener, the
+//! client session state machine, backend pools, cancel routing, metrics and the admin
+//! endpoint, and the CLI. Wire formats live in `pgwarden-protocol`; who may connect and
+//! with what credentials lives in `pgwarden-auth`.
+
+pub mod admin;
+pub mod app;
+pub mod backend;
+pub mod cancel;
+pub mod config;
+pub mod credentials;
+pub mod demo;
+pub mod metrics;
+pub mod pinning;
+pub mod pool;
+pub mod server;
+pub mod session;
+
+pub use app::App;
+pub use config::Config;

@@ -1,0 +1,138 @@
+//! The `pgwarden` binary: parses the command line and hands over to the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use pgwarden::config::Config;
+use pgwarden::server::{termination_signal, Server};
+
+#[derive(Parser)]
+#[command(
+    name = "pgwarden",
+    version,
+    about = "PostgreSQL proxy: transaction pooling for bursty clients"
+)]
+struct Cli {
+    /// Log filter (`info`, `debug`, `pgwarden=debug,warn`, ...); RUST_LOG wins when set.
+    #[arg(long, env = "PGWARDEN_LOG", default_value = "info", global = true)]
+    log_level: String,
+    /// Log format on standard error.
+    #[arg(long, env = "PGWARDEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve clients with the given configuration file.
+    Run {
+        #[arg(long, short, env = "PGWARDEN_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file (and the credentials it names) and print a summary.
+    CheckConfig { config: PathBuf },
+    /// Start a throwaway local Postgres and pgwarden in front of it; print a connection
+    /// string (first line) and the metrics URL (second line); clean up on Ctrl-C.
+    Demo {
+        /// Address pgwarden listens on.
+        #[arg(long, default_value = "127.0.0.1:6432")]
+        listen: SocketAddr,
+        /// Address of the admin endpoint (port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        admin_listen: SocketAddr,
+    },
+}
+
+fn init_logging(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log_level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgwarden: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run { config } => run(config).await,
+            Command::CheckConfig { config } => check_config(config),
+            Command::Demo {
+                listen,
+                admin_listen,
+            } => pgwarden::demo::run(listen, admin_listen).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgwarden: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path)?;
+    let server = Server::bind(config).await?;
+    let shutdown = server.app.shutdown.clone();
+    tokio::spawn(async move {
+        termination_signal().await;
+        tracing::info!("termination signal received");
+        shutdown.cancel();
+    });
+    server.run().await;
+    Ok(())
+}
+
+fn check_config(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path)?;
+    let app = pgwarden::App::new(config)?;
+    println!("{}: valid", path.display());
+    println!(
+        "listen {}, admin {}, max_client_connections {}",
+        app.config.server.listen,
+        app.config.server.admin_listen,
+        app.config.server.max_client_connections
+    );
+    for t in &app.targets {
+        let c = &t.config;
+        println!(
+            "target {:?}: {}:{} databases {:?}, {:?} mode, pool_size {}, max_backend_connections {}, {} database user(s)",
+            c.name,
+            c.host,
+            c.port,
+            c.databases,
+            c.pool_mode,
+            c.pool_size,
+            c.max_backend_connections,
+            t.credentials.user_count()
+        );
+    }
+    Ok(())
+}

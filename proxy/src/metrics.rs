@@ -1,0 +1,176 @@
+//! Prometheus metrics: one registry, typed fields, labels of bounded cardinality (target,
+//! outcome, reason; never a client address, user or query).
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric pgwarden exports. Cheap to clone fields out of; shared via `Arc<App>`.
+pub struct Metrics {
+    registry: Registry,
+    /// Client connections open now.
+    pub client_connections: IntGauge,
+    /// Client connections accepted since start.
+    pub client_connections_received: IntCounter,
+    /// Client connection setups by outcome (`succeeded`, `failed`, `refused`).
+    pub client_setups: IntCounterVec,
+    /// Client authentication failures by reason.
+    pub auth_failures: IntCounterVec,
+    /// Backend connections open now, by target and state (`idle`, `borrowed`).
+    pub backend_connections: IntGaugeVec,
+    /// Backend logins by target and outcome (`succeeded`, `failed`).
+    pub backend_setups: IntCounterVec,
+    /// Backend connections closed, by target and reason.
+    pub backend_closed: IntCounterVec,
+    /// Time clients waited for a backend, by target.
+    pub borrow_seconds: HistogramVec,
+    /// Borrows that ended in a timeout (SQLSTATE 53300), by target.
+    pub borrow_timeouts: IntCounterVec,
+    /// Query requests (Query, Sync and FunctionCall messages) relayed, by target.
+    pub queries: IntCounterVec,
+    /// Clients pinned to one backend in transaction mode, by target and reason.
+    pub pins: IntCounterVec,
+    /// Cancel requests by outcome (`forwarded`, `idle`, `unknown`, `failed`).
+    pub cancels: IntCounterVec,
+    /// Time to log in a new backend connection.
+    pub backend_login_seconds: Histogram,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique and valid (fixed at compile time)");
+    metric
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                &r,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        Self {
+            client_connections: register(
+                &r,
+                IntGauge::new("pgwarden_client_connections", "Client connections open now")
+                    .expect("valid metric"),
+            ),
+            client_connections_received: register(
+                &r,
+                IntCounter::new(
+                    "pgwarden_client_connections_received_total",
+                    "Client connections accepted",
+                )
+                .expect("valid metric"),
+            ),
+            client_setups: counter_vec(
+                "pgwarden_client_connection_setups_total",
+                "Client connection setups by outcome",
+                &["outcome"],
+            ),
+            auth_failures: counter_vec(
+                "pgwarden_client_auth_failures_total",
+                "Client authentication failures by reason",
+                &["reason"],
+            ),
+            backend_connections: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "pgwarden_backend_connections",
+                        "Backend connections open now",
+                    ),
+                    &["target", "state"],
+                )
+                .expect("valid metric"),
+            ),
+            backend_setups: counter_vec(
+                "pgwarden_backend_connection_setups_total",
+                "Backend logins by outcome",
+                &["target", "outcome"],
+            ),
+            backend_closed: counter_vec(
+                "pgwarden_backend_connections_closed_total",
+                "Backend connections closed, by reason",
+                &["target", "reason"],
+            ),
+            borrow_seconds: register(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "pgwarden_borrow_duration_seconds",
+                        "Time a client waited for a backend connection",
+                    )
+                    .buckets(vec![
+                        0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
+                        30.0,
+                    ]),
+                    &["target"],
+                )
+                .expect("valid metric"),
+            ),
+            borrow_timeouts: counter_vec(
+                "pgwarden_borrow_timeouts_total",
+                "Borrows that timed out (SQLSTATE 53300)",
+                &["target"],
+            ),
+            queries: counter_vec(
+                "pgwarden_query_requests_total",
+                "Query, Sync and FunctionCall messages relayed",
+                &["target"],
+            ),
+            pins: counter_vec(
+                "pgwarden_pins_total",
+                "Clients pinned to a backend in transaction mode, by reason",
+                &["target", "reason"],
+            ),
+            cancels: counter_vec(
+                "pgwarden_cancel_requests_total",
+                "Cancel requests by outcome",
+                &["outcome"],
+            ),
+            backend_login_seconds: register(
+                &r,
+                Histogram::with_opts(HistogramOpts::new(
+                    "pgwarden_backend_login_duration_seconds",
+                    "Time to connect and log in a backend connection",
+                ))
+                .expect("valid metric"),
+            ),
+            registry: r,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# error encoding metrics: {e}\n"))
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Keeps a gauge right: incremented on creation, decremented on drop, whatever the exit path.
+pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -1,0 +1,243 @@
+//! Which client messages leave state on a backend that another client must not inherit.
+//!
+//! In transaction mode a client that creates such state is pinned: it keeps its backend for
+//! the rest of its session, and that backend is reset before anyone else gets it. The
+//! classification is deliberately conservative: when in doubt, pin. Tracking and replaying
+//! session state instead of pinning is layered on top of this (DESIGN §4).
+
+/// Why a client was pinned; also the `reason` metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinReason {
+    /// A protocol-level named prepared statement (Parse with a name).
+    NamedStatement,
+    /// A session-level `SET`, `RESET` or `set_config(..., false)`.
+    SessionSetting,
+    /// SQL `PREPARE`.
+    SqlPrepare,
+    TempTable,
+    AdvisoryLock,
+    Listen,
+    /// `DECLARE ... WITH HOLD`.
+    HoldCursor,
+    Load,
+    /// A message too large for pgwarden to look inside.
+    Uninspected,
+}
+
+impl PinReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PinReason::NamedStatement => "named_statement",
+            PinReason::SessionSetting => "session_setting",
+            PinReason::SqlPrepare => "sql_prepare",
+            PinReason::TempTable => "temp_table",
+            PinReason::AdvisoryLock => "advisory_lock",
+            PinReason::Listen => "listen",
+            PinReason::HoldCursor => "hold_cursor",
+            PinReason::Load => "load",
+            PinReason::Uninspected => "uninspected",
+        }
+    }
+}
+
+/// Classifies a Parse by its statement name: only the unnamed statement is transient.
+pub fn classify_parse(statement_name: &str) -> Option<PinReason> {
+    (!statement_name.is_empty()).then_some(PinReason::NamedStatement)
+}
+
+/// Classifies the SQL of a simple Query (which may hold several statements) or of a Parse.
+pub fn classify_sql(sql: &str) -> Option<PinReason> {
+    let lower = sql.to_ascii_lowercase();
+    // Function calls can appear anywhere in a statement.
+    if lower.contains("pg_advisory_lock")
+        || lower.contains("pg_try_advisory_lock")
+        || lower.contains("pg_advisory_lock_shared")
+    {
+        return Some(PinReason::AdvisoryLock);
+    }
+    if lower.contains("set_config") {
+        return Some(PinReason::SessionSetting);
+    }
+    let found = statements(&lower).into_iter().find_map(classify_statement);
+    found
+}
+
+fn classify_statement(words: Vec<&str>) -> Option<PinReason> {
+    match words.as_slice() {
+        ["set", "local" | "transaction", ..] => None,
+        ["set" | "reset", ..] => Some(PinReason::SessionSetting),
+        ["prepare", "transaction", ..] => None,
+        ["prepare", ..] => Some(PinReason::SqlPrepare),
+        ["listen", ..] => Some(PinReason::Listen),
+        ["load", ..] => Some(PinReason::Load),
+        ["create", rest @ ..] if starts_temp(rest) => Some(PinReason::TempTable),
+        ["declare", rest @ ..] if rest.windows(2).any(|w| w == ["with", "hold"]) => {
+            Some(PinReason::HoldCursor)
+        }
+        _ => None,
+    }
+}
+
+/// `CREATE [GLOBAL|LOCAL] {TEMP|TEMPORARY} ...` and `CREATE [OR REPLACE] TEMP VIEW`.
+fn starts_temp(rest: &[&str]) -> bool {
+    let rest = match rest {
+        ["global" | "local", tail @ ..] => tail,
+        ["or", "replace", tail @ ..] => tail,
+        _ => rest,
+    };
+    matches!(rest.first(), Some(&"temp" | &"temporary"))
+}
+
+/// Splits lower-cased SQL into statements, each as its leading words (at most 16), skipping
+/// comments and string literals so a `;` or keyword inside them is not misread.
+fn statements(sql: &str) -> Vec<Vec<&str>> {
+    fn flush_word<'a>(
+        sql: &'a str,
+        start: &mut Option<usize>,
+        end: usize,
+        current: &mut Vec<&'a str>,
+    ) {
+        if let Some(s) = start.take() {
+            if current.len() < 16 {
+                current.push(&sql[s..end]);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut current: Vec<&str> = Vec::new();
+    let bytes = sql.as_bytes();
+    let mut i = 0;
+    let mut word_start = None;
+    while i < bytes.len() {
+        let c = bytes[i];
+        if c.is_ascii_alphanumeric() || c == b'_' {
+            word_start.get_or_insert(i);
+            i += 1;
+            continue;
+        }
+        flush_word(sql, &mut word_start, i, &mut current);
+        match c {
+            b';' => out.push(std::mem::take(&mut current)),
+            b'-' if bytes.get(i + 1) == Some(&b'-') => {
+                i = sql[i..].find('\n').map_or(bytes.len(), |n| i + n);
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'*') => {
+                i = sql[i + 2..]
+                    .find("*/")
+                    .map_or(bytes.len(), |n| i + 2 + n + 1);
+            }
+            b'\'' | b'"' => {
+                i = sql[i + 1..]
+                    .find(c as char)
+                    .map_or(bytes.len(), |n| i + 1 + n);
+                if current.len() < 16 {
+                    current.push("<literal>");
+                }
+            }
+            b'$' => {
+                // Dollar quoting: $tag$ ... $tag$
+                if let Some(len) = sql[i + 1..].find('$') {
+                    let tag = &sql[i..i + len + 2];
+                    if tag[1..tag.len() - 1]
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                    {
+                        let body = i + tag.len();
+                        i = sql[body..]
+                            .find(tag)
+                            .map_or(bytes.len(), |n| body + n + tag.len() - 1);
+                    }
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    flush_word(sql, &mut word_start, bytes.len(), &mut current);
+    out.push(current);
+    out.retain(|s| !s.is_empty());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_statements_do_not_pin() {
+        for sql in [
+            "select 1",
+            "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 1",
+            "BEGIN; SET LOCAL statement_timeout = 5; COMMIT",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "select 'set x = 1; listen y' as s",
+            "-- set x\nselect 1",
+            "/* listen a */ select 1",
+            "select $$; prepare x as select 1$$",
+            "select pg_advisory_xact_lock(1)",
+            "PREPARE TRANSACTION 'x'",
+            "create table t (temp int)",
+            "",
+        ] {
+            assert_eq!(classify_sql(sql), None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn session_state_pins_with_its_reason() {
+        let cases = [
+            ("SET search_path = app", PinReason::SessionSetting),
+            ("  reset all", PinReason::SessionSetting),
+            (
+                "select 1; set statement_timeout = 10",
+                PinReason::SessionSetting,
+            ),
+            (
+                "SELECT set_config('a.b', 'c', false)",
+                PinReason::SessionSetting,
+            ),
+            ("SET ROLE admin", PinReason::SessionSetting),
+            ("PREPARE q AS SELECT 1", PinReason::SqlPrepare),
+            ("CREATE TEMP TABLE t (a int)", PinReason::TempTable),
+            (
+                "create local temporary table t (a int)",
+                PinReason::TempTable,
+            ),
+            (
+                "create or replace temp view v as select 1",
+                PinReason::TempTable,
+            ),
+            ("select pg_advisory_lock(42)", PinReason::AdvisoryLock),
+            ("SELECT pg_try_advisory_lock(1)", PinReason::AdvisoryLock),
+            ("LISTEN events", PinReason::Listen),
+            (
+                "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+                PinReason::HoldCursor,
+            ),
+            ("LOAD 'auto_explain'", PinReason::Load),
+        ];
+        for (sql, reason) in cases {
+            assert_eq!(classify_sql(sql), Some(reason), "{sql}");
+        }
+    }
+
+    #[test]
+    fn only_named_statements_pin() {
+        assert_eq!(classify_parse(""), None);
+        assert_eq!(classify_parse("s0"), Some(PinReason::NamedStatement));
+    }
+
+    #[test]
+    fn unterminated_quotes_and_comments_do_not_panic() {
+        for sql in [
+            "select 'abc",
+            "select \"x",
+            "/* never closed",
+            "select $a$ x",
+            "$",
+            "$$",
+        ] {
+            let _ = classify_sql(sql);
+        }
+    }
+}

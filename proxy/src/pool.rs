@@ -1,0 +1,520 @@
+//! Backend pools: one per (target, database, user), with the target-wide limits above them.
+//!
+//! Why not deadpool-postgres: it pools typed `tokio_postgres::Client`s, and a proxy relays raw
+//! protocol bytes over the socket itself. The pool also needs things deadpool's generic
+//! manager lacks: a hard cap across all pools of a target, a cap on logins in flight,
+//! `min_idle`, direct hand-off of a returned connection to the longest waiter, and the
+//! parameter-status cache. See docs/architecture.md.
+//!
+//! Invariants: `open` counts idle, borrowed and being-created connections of a pool; every
+//! one of them owns a [`Slot`] whose drop gives the slot to the first waiter or shrinks
+//! `open`. Locks are never held across `.await`, and no connection is dropped while a pool
+//! lock is held (its slot's drop takes that lock).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rand::Rng;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, warn};
+
+use crate::backend::{self, BackendConn, ConnectError};
+use crate::config::TargetConfig;
+use crate::credentials::CredentialStore;
+use crate::metrics::Metrics;
+
+/// Identifies a pool within its target.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub database: String,
+    pub user: String,
+}
+
+/// Why a client could not get a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BorrowError {
+    #[error(
+        "borrow timeout after {waited:?}: pool {target}/{database}/{user} has {open} of {size} connections busy"
+    )]
+    Timeout {
+        waited: Duration,
+        target: String,
+        database: String,
+        user: String,
+        open: usize,
+        size: usize,
+    },
+    #[error(
+        "borrow timeout after {0:?}: target {1} is at max_backend_connections and no idle connection could be closed"
+    )]
+    TargetFull(Duration, String),
+    #[error("no credentials for database user {0:?}")]
+    UnknownUser(String),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+}
+
+/// A database endpoint: its config, credentials, target-wide limits and pools.
+pub struct Target {
+    pub config: TargetConfig,
+    pub credentials: CredentialStore,
+    /// Permits for `max_backend_connections`, held by every open connection.
+    capacity: Arc<Semaphore>,
+    /// Permits for `max_logins_in_flight`.
+    logins: Semaphore,
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Target {
+    pub fn new(
+        config: TargetConfig,
+        credentials: CredentialStore,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            capacity: Arc::new(Semaphore::new(config.max_backend_connections)),
+            logins: Semaphore::new(config.max_logins_in_flight),
+            pools: Mutex::new(HashMap::new()),
+            config,
+            credentials,
+            metrics,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The pool for `key`, created on first use.
+    pub fn pool(self: &Arc<Self>, key: PoolKey) -> Arc<Pool> {
+        let mut pools = lock(&self.pools);
+        pools
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(Pool {
+                    target: self.clone(),
+                    key,
+                    state: Mutex::new(PoolState::default()),
+                    params: Mutex::new(None),
+                })
+            })
+            .clone()
+    }
+
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        lock(&self.pools).values().cloned().collect()
+    }
+
+    /// Closes the longest-idle connection of any pool other than `except`, to make room
+    /// under `max_backend_connections`. Returns whether one was closed.
+    fn evict_idle_elsewhere(&self, except: &PoolKey) -> bool {
+        let pools = self.pools();
+        let victim = pools
+            .iter()
+            .filter(|p| &p.key != except)
+            .filter_map(|p| {
+                let mut st = lock(&p.state);
+                let oldest = (0..st.idle.len()).min_by_key(|&i| st.idle[i].idle_since)?;
+                Some(st.idle.swap_remove(oldest))
+            })
+            .next();
+        if let Some(conn) = victim {
+            self.count_closed("evicted");
+            drop(conn);
+            true
+        } else {
+            false
+        }
+    }
+
+    fn count_closed(&self, reason: &str) {
+        self.metrics
+            .backend_closed
+            .with_label_values(&[self.name(), reason])
+            .inc();
+    }
+
+    /// One maintenance pass: close idle connections past `idle_timeout` (above `min_idle`)
+    /// or past their lifetime, and open connections up to `min_idle`.
+    pub fn maintain(self: &Arc<Self>) {
+        let now = Instant::now();
+        for pool in self.pools() {
+            let mut closing = Vec::new();
+            {
+                let mut st = lock(&pool.state);
+                let min_idle = self.config.min_idle;
+                let mut i = 0;
+                while i < st.idle.len() {
+                    let c = &st.idle[i];
+                    let idle_too_long = now.duration_since(c.idle_since)
+                        >= self.config.idle_timeout
+                        && st.open - closing.len() > min_idle;
+                    if c.is_expired(now) || idle_too_long || c.is_broken() {
+                        closing.push(st.idle.swap_remove(i));
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            for _ in &closing {
+                self.count_closed("idle");
+            }
+            drop(closing);
+            while let Some(slot) = pool.reserve_for_min_idle() {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    let deadline = Instant::now() + pool.target.config.connect_timeout;
+                    match pool.create(slot, deadline).await {
+                        Ok(conn) => pool.checkin(conn),
+                        Err(e) => {
+                            warn!(target_name = %pool.target.name(), error = %e, "min_idle connection failed")
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// The outcome of looking at a pool under its lock.
+enum Step {
+    Ready(BackendConn),
+    Create(Slot),
+    Wait(oneshot::Receiver<Grant>),
+}
+
+/// A connection, or the right to open one, handed to a waiting client.
+enum Grant {
+    Conn(BackendConn),
+    Slot(Slot),
+}
+
+#[derive(Default)]
+struct PoolState {
+    /// Idle connections; the most recently returned is at the end and is reused first, so
+    /// surplus connections age out through `idle_timeout`.
+    idle: Vec<BackendConn>,
+    open: usize,
+    /// Clients waiting for a connection, first come first served.
+    waiters: VecDeque<oneshot::Sender<Grant>>,
+}
+
+/// Backend connections for one (database, user) of a target.
+pub struct Pool {
+    target: Arc<Target>,
+    pub key: PoolKey,
+    state: Mutex<PoolState>,
+    /// ParameterStatus values of the first login, sent to clients at startup.
+    params: Mutex<Option<Arc<Vec<(String, String)>>>>,
+}
+
+/// Counts one connection (or creation in progress) against its pool's `open`.
+pub struct Slot {
+    pool: Arc<Pool>,
+    armed: bool,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.armed {
+            self.pool.slot_freed();
+        }
+    }
+}
+
+/// Counts of a pool, for errors and metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolStats {
+    pub open: usize,
+    pub idle: usize,
+    pub waiting: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a pool lock leaves counts that are still consistent (every
+    // update is a single statement), so poisoning is not a reason to stop serving.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Offers `grant` to the waiters in order; returns it if nobody is waiting any more.
+fn hand_off(state: &mut PoolState, mut grant: Grant) -> Option<Grant> {
+    while let Some(waiter) = state.waiters.pop_front() {
+        match waiter.send(grant) {
+            Ok(()) => return None,
+            Err(returned) => grant = returned,
+        }
+    }
+    Some(grant)
+}
+
+impl Pool {
+    pub fn target(&self) -> &Arc<Target> {
+        &self.target
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let st = lock(&self.state);
+        PoolStats {
+            open: st.open,
+            idle: st.idle.len(),
+            waiting: st.waiters.iter().filter(|w| !w.is_closed()).count(),
+        }
+    }
+
+    /// The cached ParameterStatus values, if a backend of this pool has logged in.
+    pub fn params(&self) -> Option<Arc<Vec<(String, String)>>> {
+        lock(&self.params).clone()
+    }
+
+    fn slot_freed(self: &Arc<Self>) {
+        let mut st = lock(&self.state);
+        let slot = Slot {
+            pool: self.clone(),
+            armed: true,
+        };
+        if let Some(Grant::Slot(mut unused)) = hand_off(&mut st, Grant::Slot(slot)) {
+            unused.armed = false;
+            st.open -= 1;
+        }
+    }
+
+    fn reserve_for_min_idle(self: &Arc<Self>) -> Option<Slot> {
+        let mut st = lock(&self.state);
+        (st.open < self.target.config.min_idle).then(|| {
+            st.open += 1;
+            Slot {
+                pool: self.clone(),
+                armed: true,
+            }
+        })
+    }
+
+    /// Borrows a backend: an idle one, a new one if the pool has room, or the next one
+    /// returned, waiting in FIFO order until `deadline`. Dropping the future leaves the queue.
+    pub async fn borrow(self: &Arc<Self>, deadline: Instant) -> Result<BackendConn, BorrowError> {
+        let started = Instant::now();
+        let (step, discard) = self.take_or_queue();
+        for _ in &discard {
+            self.target.count_closed("broken_or_expired");
+        }
+        drop(discard);
+        let mut conn = match step {
+            Step::Ready(conn) => conn,
+            Step::Create(slot) => self.create(slot, deadline).await?,
+            Step::Wait(rx) => self.wait(rx, started, deadline).await?,
+        };
+        conn.set_idle(false);
+        self.observe_borrow(started);
+        Ok(conn)
+    }
+
+    /// Under the lock: an idle connection, a slot to open one, or a place in the queue.
+    /// Also returns idle connections found dead or expired, to be closed after unlocking.
+    fn take_or_queue(self: &Arc<Self>) -> (Step, Vec<BackendConn>) {
+        let mut discard = Vec::new();
+        let mut st = lock(&self.state);
+        let now = Instant::now();
+        while let Some(conn) = st.idle.pop() {
+            if conn.is_expired(now) || conn.is_broken() {
+                discard.push(conn);
+            } else {
+                return (Step::Ready(conn), discard);
+            }
+        }
+        if st.open < self.target.config.pool_size {
+            st.open += 1;
+            let slot = Slot {
+                pool: self.clone(),
+                armed: true,
+            };
+            return (Step::Create(slot), discard);
+        }
+        let (tx, rx) = oneshot::channel();
+        st.waiters.retain(|w| !w.is_closed());
+        st.waiters.push_back(tx);
+        (Step::Wait(rx), discard)
+    }
+
+    async fn wait(
+        self: &Arc<Self>,
+        mut rx: oneshot::Receiver<Grant>,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<BackendConn, BorrowError> {
+        let grant = match tokio::time::timeout_at(deadline.into(), &mut rx).await {
+            Ok(Ok(grant)) => grant,
+            Ok(Err(_)) | Err(_) => {
+                // Close first so no grant can arrive after we give up, then take one that
+                // raced with the timeout rather than losing it.
+                rx.close();
+                match rx.try_recv() {
+                    Ok(grant) => grant,
+                    Err(_) => return Err(self.timeout_error(started)),
+                }
+            }
+        };
+        match grant {
+            Grant::Conn(conn) => Ok(conn),
+            Grant::Slot(slot) => self.create(slot, deadline).await,
+        }
+    }
+
+    fn observe_borrow(&self, started: Instant) {
+        self.target
+            .metrics
+            .borrow_seconds
+            .with_label_values(&[self.target.name()])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    fn timeout_error(&self, started: Instant) -> BorrowError {
+        self.target
+            .metrics
+            .borrow_timeouts
+            .with_label_values(&[self.target.name()])
+            .inc();
+        BorrowError::Timeout {
+            waited: started.elapsed(),
+            target: self.target.name().to_owned(),
+            database: self.key.database.clone(),
+            user: self.key.user.clone(),
+            open: self.stats().open,
+            size: self.target.config.pool_size,
+        }
+    }
+
+    /// Opens a connection for `slot`: target capacity, a login permit, then the login,
+    /// retried with backoff while the failure looks transient.
+    async fn create(
+        self: &Arc<Self>,
+        slot: Slot,
+        deadline: Instant,
+    ) -> Result<BackendConn, BorrowError> {
+        let target = &self.target;
+        let capacity = self.target_capacity(deadline).await?;
+        let _login = tokio::time::timeout_at(deadline.into(), target.logins.acquire())
+            .await
+            .map_err(|_| self.timeout_error(Instant::now() - target.config.borrow_timeout))?
+            .expect("the login semaphore is never closed");
+        let creds = target
+            .credentials
+            .get(&self.key.user)
+            .ok_or_else(|| BorrowError::UnknownUser(self.key.user.clone()))?;
+        let mut backoff = Duration::from_millis(50);
+        let logged_in = loop {
+            let started = Instant::now();
+            let budget = deadline
+                .saturating_duration_since(started)
+                .min(target.config.connect_timeout)
+                .max(Duration::from_millis(1));
+            let attempt = backend::connect(
+                &target.config.host,
+                target.config.port,
+                &self.key.database,
+                &self.key.user,
+                &creds.password,
+                budget,
+            )
+            .await;
+            target
+                .metrics
+                .backend_login_seconds
+                .observe(started.elapsed().as_secs_f64());
+            match attempt {
+                Ok(logged_in) => break logged_in,
+                Err(e) => {
+                    target
+                        .metrics
+                        .backend_setups
+                        .with_label_values(&[target.name(), "failed"])
+                        .inc();
+                    if !e.is_transient() || Instant::now() + backoff >= deadline {
+                        return Err(e.into());
+                    }
+                    debug!(target_name = %target.name(), error = %e, "backend login failed, retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        };
+        target
+            .metrics
+            .backend_setups
+            .with_label_values(&[target.name(), "succeeded"])
+            .inc();
+        {
+            let mut params = lock(&self.params);
+            if params.is_none() {
+                *params = Some(Arc::new(logged_in.params));
+            }
+        }
+        let now = Instant::now();
+        let lifetime = target.config.max_lifetime;
+        let jitter = lifetime.mul_f64(rand::thread_rng().gen_range(0.0..0.1));
+        let mut read_buf = logged_in.leftover;
+        read_buf.reserve(8192);
+        Ok(BackendConn::new(
+            logged_in.stream,
+            logged_in.key,
+            logged_in.addr,
+            now + lifetime - jitter,
+            read_buf,
+            slot,
+            capacity,
+            target
+                .metrics
+                .backend_connections
+                .with_label_values(&[target.name(), "idle"]),
+            target
+                .metrics
+                .backend_connections
+                .with_label_values(&[target.name(), "borrowed"]),
+        ))
+    }
+
+    async fn target_capacity(
+        &self,
+        deadline: Instant,
+    ) -> Result<OwnedSemaphorePermit, BorrowError> {
+        let target = &self.target;
+        if let Ok(permit) = target.capacity.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        target.evict_idle_elsewhere(&self.key);
+        tokio::time::timeout_at(deadline.into(), target.capacity.clone().acquire_owned())
+            .await
+            .map_err(|_| {
+                BorrowError::TargetFull(target.config.borrow_timeout, target.name().to_owned())
+            })
+            .map(|p| p.expect("the capacity semaphore is never closed"))
+    }
+
+    /// Returns a clean, idle connection: to the longest waiter, else to the idle list.
+    pub fn checkin(self: &Arc<Self>, mut conn: BackendConn) {
+        let now = Instant::now();
+        if conn.is_expired(now) {
+            self.target.count_closed("lifetime");
+            return;
+        }
+        conn.idle_since = now;
+        let mut st = lock(&self.state);
+        if let Some(Grant::Conn(mut conn)) = hand_off(&mut st, Grant::Conn(conn)) {
+            conn.set_idle(true);
+            st.idle.push(conn);
+        }
+    }
+
+    /// Closes a connection that must not be reused (broken, or dirty after a failed reset).
+    pub fn discard(&self, conn: BackendConn, reason: &str) {
+        self.target.count_closed(reason);
+        drop(conn);
+    }
+}
+
+/// A fresh read buffer for a backend, reused for the connection's life.
+pub fn backend_buffer() -> BytesMut {
+    BytesMut::with_capacity(8192)
+}

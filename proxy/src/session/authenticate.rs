@@ -1,0 +1,140 @@
+//! Client authentication: SCRAM-SHA-256 against the target's credentials (native password
+//! mode). An unknown user goes through the same exchange and fails the same way as a wrong
+//! password, so probing cannot tell which users exist.
+
+use bytes::BytesMut;
+use pgwarden_auth::{ScramError, ScramExchange};
+use pgwarden_protocol::backend::{self, ErrorReport};
+use pgwarden_protocol::frame::take_message;
+use pgwarden_protocol::frontend;
+use pgwarden_protocol::limits::MAX_AUTH_MESSAGE;
+use pgwarden_protocol::sqlstate;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::credentials::CredentialStore;
+
+/// Why authentication failed: the error for the client and the metric label.
+pub struct AuthFailure {
+    pub report: ErrorReport,
+    pub reason: &'static str,
+}
+
+impl AuthFailure {
+    fn new(reason: &'static str, code: &'static str, message: String) -> Self {
+        Self {
+            report: ErrorReport::fatal(code, message),
+            reason,
+        }
+    }
+}
+
+/// Runs the SCRAM exchange for `user`. On success the client has been sent
+/// AuthenticationSASLFinal and AuthenticationOk.
+pub async fn authenticate(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    credentials: &CredentialStore,
+    user: &str,
+) -> Result<(), AuthFailure> {
+    let mut exchange = match credentials.get(user) {
+        Some(c) => ScramExchange::new(vec![c.scram.clone()]).map_err(|e| {
+            AuthFailure::new(
+                "internal",
+                sqlstate::INTERNAL_ERROR,
+                format!("authentication setup failed: {e}"),
+            )
+        })?,
+        None => ScramExchange::doomed(user, credentials.mock_key()),
+    };
+    let mut out = BytesMut::with_capacity(128);
+    backend::authentication_sasl(&mut out, &[pgwarden_auth::scram::SCRAM_SHA_256]);
+    send(stream, &out).await?;
+
+    let first = read_password_message(stream, buf).await?;
+    let (mechanism, data) = frontend::parse_sasl_initial_response(&first).map_err(protocol)?;
+    let server_first = exchange
+        .client_first(mechanism, data)
+        .map_err(|e| scram(e, user))?;
+    out.clear();
+    backend::authentication_sasl_continue(&mut out, &server_first);
+    send(stream, &out).await?;
+
+    let last = read_password_message(stream, buf).await?;
+    let server_final = exchange.client_final(&last).map_err(|e| scram(e, user))?;
+    out.clear();
+    backend::authentication_sasl_final(&mut out, &server_final);
+    backend::authentication_ok(&mut out);
+    send(stream, &out).await
+}
+
+async fn send(stream: &mut TcpStream, bytes: &[u8]) -> Result<(), AuthFailure> {
+    stream.write_all(bytes).await.map_err(|_| disconnected())
+}
+
+fn disconnected() -> AuthFailure {
+    AuthFailure::new(
+        "client_disconnected",
+        sqlstate::CONNECTION_FAILURE,
+        "client disconnected during authentication".to_owned(),
+    )
+}
+
+fn protocol(e: pgwarden_protocol::ProtocolError) -> AuthFailure {
+    AuthFailure::new(
+        "protocol",
+        sqlstate::PROTOCOL_VIOLATION,
+        format!("invalid authentication message: {e}"),
+    )
+}
+
+fn scram(e: ScramError, user: &str) -> AuthFailure {
+    match e {
+        ScramError::InvalidProof => AuthFailure::new(
+            "wrong_password",
+            sqlstate::INVALID_PASSWORD,
+            format!("password authentication failed for user \"{user}\""),
+        ),
+        ScramError::UnsupportedMechanism | ScramError::ChannelBindingUnsupported => {
+            AuthFailure::new(
+                "unsupported_mechanism",
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!("{e}; pgwarden supports SCRAM-SHA-256 without channel binding"),
+            )
+        }
+        other => AuthFailure::new(
+            "protocol",
+            sqlstate::PROTOCOL_VIOLATION,
+            format!("invalid SCRAM exchange: {other}"),
+        ),
+    }
+}
+
+/// Reads the next message, which must be a PasswordMessage ('p') of bounded size.
+async fn read_password_message(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<bytes::Bytes, AuthFailure> {
+    loop {
+        match take_message(buf, MAX_AUTH_MESSAGE) {
+            Ok(Some((frontend::PASSWORD, body))) => return Ok(body),
+            Ok(Some((frontend::TERMINATE, _))) => return Err(disconnected()),
+            Ok(Some((tag, _))) => {
+                return Err(AuthFailure::new(
+                    "protocol",
+                    sqlstate::PROTOCOL_VIOLATION,
+                    format!(
+                        "expected a password message, got message type {:?}",
+                        tag as char
+                    ),
+                ))
+            }
+            Ok(None) => {}
+            Err(e) => return Err(protocol(e)),
+        }
+        match stream.read_buf(buf).await {
+            Ok(0) | Err(_) => return Err(disconnected()),
+            Ok(_) => {}
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! One client connection, from accept to close. Reading this file top to bottom tells a
+//! client's life:
+//!
+//! 1. handshake: decline encryption (TLS comes with client auth), startup or cancel;
+//! 2. authenticate against the target's credentials (SCRAM-SHA-256);
+//! 3. setup: ParameterStatus from the pool's cache (a backend is borrowed only when the
+//!    cache is empty, which also surfaces Postgres's own login errors at once), pgwarden's
+//!    BackendKeyData, ReadyForQuery;
+//! 4. serve: the relay loop in [`relay`], borrowing a backend per transaction (or once per
+//!    session in session mode or when pinned);
+//! 5. close: a backend still held is cleaned ([`cleanup`]) or discarded.
+
+mod authenticate;
+mod cleanup;
+mod handshake;
+mod relay;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use pgwarden_protocol::backend::{self, ErrorReport};
+use pgwarden_protocol::frame::FrameWalker;
+use pgwarden_protocol::sqlstate;
+use pgwarden_protocol::startup::StartupMessage;
+use prometheus::IntCounter;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::{debug, info, info_span, Instrument};
+
+use crate::app::App;
+use crate::backend::{BackendConn, ConnectError};
+use crate::cancel::CancelHandle;
+use crate::config::PoolMode;
+use crate::metrics::GaugeGuard;
+use crate::pinning::PinReason;
+use crate::pool::{BorrowError, Pool, PoolKey, Target};
+
+use handshake::{handshake, Handshake, HandshakeError};
+
+/// A client that finished setup and is being served.
+pub struct Session {
+    pub app: Arc<App>,
+    pub target: Arc<Target>,
+    pub pool: Arc<Pool>,
+    pub cancel: CancelHandle,
+    pub mode: PoolMode,
+    /// Set when the client created backend state that cannot move (transaction mode).
+    pub pinned: Option<PinReason>,
+    /// Client-side message boundaries, kept across transactions.
+    pub client_walker: FrameWalker,
+    /// `pgwarden_query_requests_total` for this target, resolved once.
+    pub queries: IntCounter,
+}
+
+impl Session {
+    /// Whether the backend goes back to the pool at the end of each transaction.
+    pub fn releases_per_transaction(&self) -> bool {
+        self.mode == PoolMode::Transaction && self.pinned.is_none()
+    }
+
+    pub fn pin(&mut self, reason: PinReason) {
+        if self.pinned.is_none() && self.mode == PoolMode::Transaction {
+            self.pinned = Some(reason);
+            self.app
+                .metrics
+                .pins
+                .with_label_values(&[self.target.name(), reason.as_str()])
+                .inc();
+            debug!(reason = reason.as_str(), "client pinned to its backend");
+        }
+    }
+}
+
+/// Serves one accepted client connection until it closes.
+pub async fn run(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr) {
+    let _open = GaugeGuard::new(app.metrics.client_connections.clone());
+    app.metrics.client_connections_received.inc();
+    // Small messages must not wait for Nagle.
+    let _ = stream.set_nodelay(true);
+    let span =
+        info_span!("client", %peer, user = tracing::field::Empty, database = tracing::field::Empty);
+    async move {
+        let mut buf = BytesMut::with_capacity(512);
+        let deadline = Instant::now() + app.config.server.startup_timeout;
+        let message = match tokio::time::timeout_at(
+            deadline.into(),
+            handshake(&mut stream, &mut buf),
+        )
+        .await
+        {
+            Ok(Ok(Handshake::Cancel(key))) => {
+                let outcome = app.cancels.cancel(key).await;
+                app.metrics
+                    .cancels
+                    .with_label_values(&[outcome.as_str()])
+                    .inc();
+                debug!(outcome = outcome.as_str(), "cancel request");
+                return;
+            }
+            Ok(Ok(Handshake::Startup(message))) => message,
+            Ok(Err(HandshakeError::Protocol(e))) => {
+                fail(
+                    &app,
+                    &mut stream,
+                    &ErrorReport::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()).into(),
+                )
+                .await;
+                return;
+            }
+            Ok(Err(_)) => return,
+            Err(_) => {
+                let report = ErrorReport::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "startup packet not received in time",
+                );
+                fail(&app, &mut stream, &report.into()).await;
+                return;
+            }
+        };
+        let setup = tokio::time::timeout_at(
+            deadline.into(),
+            establish(&app, &mut stream, &mut buf, &message),
+        )
+        .await;
+        let (mut session, held) = match setup {
+            Ok(Ok(ready)) => ready,
+            Ok(Err(failure)) => {
+                fail(&app, &mut stream, &failure).await;
+                return;
+            }
+            Err(_) => {
+                let report = ErrorReport::fatal(
+                    sqlstate::CONNECTION_FAILURE,
+                    format!(
+                        "startup and authentication did not finish within {:?}",
+                        app.config.server.startup_timeout
+                    ),
+                );
+                fail(&app, &mut stream, &report.into()).await;
+                return;
+            }
+        };
+        app.metrics
+            .client_setups
+            .with_label_values(&["succeeded"])
+            .inc();
+        let started = Instant::now();
+        info!("client connected");
+        relay::serve(&mut stream, buf, &mut session, held).await;
+        info!(
+            duration_ms = started.elapsed().as_millis() as u64,
+            pinned = session.pinned.map(|p| p.as_str()),
+            "client disconnected"
+        );
+    }
+    .instrument(span)
+    .await
+}
+
+/// An error that ends a client's connection: one of ours, or Postgres's own, relayed as is.
+pub enum Failure {
+    Report(ErrorReport),
+    Raw(Bytes),
+}
+
+impl From<ErrorReport> for Failure {
+    fn from(report: ErrorReport) -> Self {
+        Failure::Report(report)
+    }
+}
+
+impl Failure {
+    fn encode(&self, out: &mut BytesMut) {
+        match self {
+            Failure::Report(r) => r.encode(out),
+            Failure::Raw(raw) => out.extend_from_slice(raw),
+        }
+    }
+
+    /// The error a client gets when no backend could be had for it.
+    pub fn from_borrow(e: BorrowError) -> Self {
+        match e {
+            BorrowError::Connect(ConnectError::Server { raw, .. }) => Failure::Raw(raw),
+            BorrowError::Connect(e) => Failure::Report(ErrorReport::fatal(
+                sqlstate::CONNECTION_FAILURE,
+                format!("pgwarden could not connect to the database: {e}"),
+            )),
+            e @ (BorrowError::Timeout { .. } | BorrowError::TargetFull(..)) => Failure::Report(
+                ErrorReport::fatal(sqlstate::TOO_MANY_CONNECTIONS, e.to_string())
+                    .with_hint("raise pool_size or borrow_timeout, or lower the client load"),
+            ),
+            e @ BorrowError::UnknownUser(_) => Failure::Report(ErrorReport::fatal(
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                e.to_string(),
+            )),
+        }
+    }
+}
+
+async fn fail(app: &App, stream: &mut TcpStream, failure: &Failure) {
+    app.metrics
+        .client_setups
+        .with_label_values(&["failed"])
+        .inc();
+    let mut out = BytesMut::new();
+    failure.encode(&mut out);
+    let _ = stream.write_all(&out).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Authenticates the client and sends everything up to its first ReadyForQuery. Returns the
+/// session and, in session mode, the backend it keeps.
+async fn establish(
+    app: &Arc<App>,
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    message: &StartupMessage,
+) -> Result<(Session, Option<BackendConn>), Failure> {
+    let user = message.user().ok_or_else(|| {
+        ErrorReport::fatal(
+            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+            "no PostgreSQL user name specified in startup packet",
+        )
+    })?;
+    let database = message.database().unwrap_or(user);
+    let span = tracing::Span::current();
+    span.record("user", user);
+    span.record("database", database);
+    let target = app
+        .target_for(database)
+        .ok_or_else(|| {
+            ErrorReport::fatal(
+                sqlstate::INVALID_CATALOG_NAME,
+                format!("database \"{database}\" does not exist"),
+            )
+        })?
+        .clone();
+
+    let mut out = BytesMut::with_capacity(512);
+    if message.minor_version > 0 || !message.protocol_options.is_empty() {
+        backend::negotiate_protocol_version(&mut out, &message.protocol_options);
+        stream.write_all(&out).await.map_err(|_| closed())?;
+        out.clear();
+    }
+    if let Err(failure) = authenticate::authenticate(stream, buf, &target.credentials, user).await {
+        app.metrics
+            .auth_failures
+            .with_label_values(&[failure.reason])
+            .inc();
+        info!(reason = failure.reason, "client authentication failed");
+        return Err(failure.report.into());
+    }
+
+    let pool = target.pool(PoolKey {
+        database: database.to_owned(),
+        user: user.to_owned(),
+    });
+    let mode = target.config.pool_mode;
+    let mut held = None;
+    if mode == PoolMode::Session || pool.params().is_none() {
+        let deadline = Instant::now() + target.config.borrow_timeout;
+        held = Some(pool.borrow(deadline).await.map_err(Failure::from_borrow)?);
+    }
+    if mode == PoolMode::Transaction {
+        if let Some(conn) = held.take() {
+            pool.checkin(conn);
+        }
+    }
+    let params = pool.params().ok_or_else(|| {
+        ErrorReport::fatal(
+            sqlstate::INTERNAL_ERROR,
+            "no backend parameters cached after a login",
+        )
+    })?;
+    for (name, value) in params.iter() {
+        backend::parameter_status(&mut out, name, value);
+    }
+    let cancel = app.cancels.register();
+    backend::backend_key_data(&mut out, cancel.key());
+    backend::ready_for_query(&mut out, backend::IDLE);
+    stream.write_all(&out).await.map_err(|_| closed())?;
+
+    let queries = app.metrics.queries.with_label_values(&[target.name()]);
+    Ok((
+        Session {
+            app: app.clone(),
+            pool,
+            cancel,
+            mode,
+            pinned: None,
+            client_walker: FrameWalker::new(),
+            queries,
+            target,
+        },
+        held,
+    ))
+}
+
+fn closed() -> Failure {
+    ErrorReport::fatal(sqlstate::CONNECTION_FAILURE, "client closed the connection").into()
+}

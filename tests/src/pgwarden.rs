@@ -1,0 +1,374 @@
+//! pgwarden run as its real binary against a [`PgCluster`], so tests see what an operator sees
+//! (and can measure its memory).
+
+use std::fs::{self, File, OpenOptions};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tempfile::TempDir;
+
+use crate::{dsn_value, http, log_tail, PgCluster};
+
+/// How long pgwarden may take to answer `/healthz` and accept on its listen port.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long pgwarden may take to exit after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often `start` tries new ports when pgwarden exits early (e.g. a port was taken).
+const START_ATTEMPTS: usize = 3;
+
+/// The knobs tests vary; everything else in the generated config is fixed.
+#[derive(Clone, Debug)]
+pub struct PgwardenOptions {
+    /// `"transaction"` or `"session"`.
+    pub pool_mode: &'static str,
+    /// Backend connections per pool.
+    pub pool_size: u32,
+    /// Backend connections of the whole target.
+    pub max_backend_connections: u32,
+    /// How long a client waits for a backend connection, e.g. `"30s"`.
+    pub borrow_timeout: &'static str,
+    /// `(name, password)` of the database users pgwarden serves (its credentials file).
+    /// `Pgwarden::start` creates each as a login role with a database of the same name.
+    pub users: Vec<(String, String)>,
+    /// Raw TOML lines appended to the `[[targets]]` table.
+    pub extra_target_toml: String,
+    /// Raw TOML lines appended to the `[server]` table.
+    pub extra_server_toml: String,
+}
+
+impl Default for PgwardenOptions {
+    fn default() -> Self {
+        PgwardenOptions {
+            pool_mode: "transaction",
+            pool_size: 10,
+            max_backend_connections: 50,
+            borrow_timeout: "30s",
+            users: vec![("app".to_owned(), "app-pw".to_owned())],
+            extra_target_toml: String::new(),
+            extra_server_toml: String::new(),
+        }
+    }
+}
+
+/// A running `pgwarden run` process with its own temp dir (config, credentials, log).
+/// Sent SIGTERM on drop.
+pub struct Pgwarden {
+    dir: TempDir,
+    child: Child,
+    port: u16,
+    admin_port: u16,
+}
+
+/// The credentials file pgwarden's `file` provider reads.
+#[derive(Serialize)]
+struct CredentialsFile<'a> {
+    users: Vec<UserEntry<'a>>,
+}
+
+#[derive(Serialize)]
+struct UserEntry<'a> {
+    name: &'a str,
+    password: &'a str,
+}
+
+impl Pgwarden {
+    /// Prepares `cluster` (a login role and an own database for every user in `options`),
+    /// starts pgwarden in front of it and waits until it is ready; panics with its log if not.
+    pub async fn start(cluster: &PgCluster, options: PgwardenOptions) -> Pgwarden {
+        for (name, password) in &options.users {
+            cluster.create_user(name, password);
+            cluster.create_database(name, name);
+        }
+        let binary = binary_path();
+        let dir = tempfile::Builder::new()
+            .prefix("pgwarden-proxy-")
+            .tempdir()
+            .expect("create temp dir for pgwarden");
+        let credentials = dir.path().join("users.toml");
+        let users = options
+            .users
+            .iter()
+            .map(|(name, password)| UserEntry { name, password })
+            .collect();
+        let credentials_toml =
+            toml::to_string(&CredentialsFile { users }).expect("serialize credentials file");
+        fs::write(&credentials, credentials_toml).expect("write credentials file");
+
+        let config = dir.path().join("pgwarden.toml");
+        let log = dir.path().join("pgwarden.log");
+        let launch = |port: u16, admin_port: u16| {
+            let toml = config_toml(cluster, &options, port, admin_port, &credentials);
+            fs::write(&config, toml).expect("write pgwarden config");
+            spawn(&binary, &config, &log)
+        };
+
+        let (port, admin_port) = two_free_ports();
+        let mut proxy = Pgwarden {
+            child: launch(port, admin_port),
+            dir,
+            port,
+            admin_port,
+        };
+        let mut exits = Vec::new();
+        loop {
+            match proxy.wait_ready().await {
+                Ok(()) => return proxy,
+                Err(status) => exits.push(format!(
+                    "ports {}/{}: {status}",
+                    proxy.port, proxy.admin_port
+                )),
+            }
+            // Drop prints the log when this fails.
+            assert!(
+                exits.len() < START_ATTEMPTS,
+                "pgwarden exited during startup {START_ATTEMPTS} times ({})",
+                exits.join("; ")
+            );
+            (proxy.port, proxy.admin_port) = two_free_ports();
+            proxy.child = launch(proxy.port, proxy.admin_port);
+        }
+    }
+
+    /// Port clients connect to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Port of the admin HTTP server (`/healthz`, `/metrics`).
+    pub fn admin_port(&self) -> u16 {
+        self.admin_port
+    }
+
+    /// OS process id, e.g. to read its CPU time or send it signals.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// tokio-postgres connection string for a client of pgwarden (plaintext).
+    pub fn dsn(&self, user: &str, password: &str, database: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={} password={} dbname={} sslmode=disable",
+            self.port,
+            dsn_value(user),
+            dsn_value(password),
+            dsn_value(database)
+        )
+    }
+
+    /// Connects a client through pgwarden, or returns the error it got (for failure tests).
+    pub async fn try_connect(
+        &self,
+        user: &str,
+        password: &str,
+        database: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let dsn = self.dsn(user, password, database);
+        let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                eprintln!("client connection through pgwarden ended: {e}");
+            }
+        });
+        Ok(client)
+    }
+
+    /// Connects a client through pgwarden; panics if it cannot.
+    pub async fn connect(
+        &self,
+        user: &str,
+        password: &str,
+        database: &str,
+    ) -> tokio_postgres::Client {
+        self.try_connect(user, password, database)
+            .await
+            .unwrap_or_else(|e| panic!("connect through pgwarden as {user} to {database}: {e}"))
+    }
+
+    /// Body of `GET /metrics` (Prometheus text format).
+    pub async fn metrics(&self) -> String {
+        match http::get(self.admin_port, "/metrics").await {
+            Ok((200, body)) => body,
+            other => panic!("GET /metrics failed: {other:?}"),
+        }
+    }
+
+    /// Resident memory of the pgwarden process in KiB (VmRSS from /proc/PID/status).
+    pub fn rss_kib(&self) -> u64 {
+        let path = format!("/proc/{}/status", self.pid());
+        let status = fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.split_whitespace().next())
+            .and_then(|kib| kib.parse().ok())
+            .unwrap_or_else(|| panic!("no VmRSS in {path}"))
+    }
+
+    /// Everything pgwarden logged so far (stdout and stderr).
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("pgwarden.log")
+    }
+
+    /// Waits until `/healthz` answers 200 and the listen port accepts; `Err` if pgwarden exited.
+    async fn wait_ready(&mut self) -> Result<(), ExitStatus> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll pgwarden process") {
+                return Err(status);
+            }
+            let healthy = matches!(http::get(self.admin_port, "/healthz").await, Ok((200, _)));
+            if healthy
+                && tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                    .await
+                    .is_ok()
+            {
+                return Ok(());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pgwarden not ready after {READY_TIMEOUT:?} (healthz on {}, listen on {})",
+                self.admin_port,
+                self.port,
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if pgwarden has not exited within `STOP_TIMEOUT`.
+    fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("pgwarden did not exit {STOP_TIMEOUT:?} after SIGTERM; killing it");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Pgwarden {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- pgwarden.log (last 60 lines) ---\n{}",
+                log_tail(&self.log_path(), 60)
+            );
+        }
+    }
+}
+
+/// `$PGWARDEN_BIN`, else `target/debug/pgwarden` of this workspace (or of `$CARGO_TARGET_DIR`).
+fn binary_path() -> PathBuf {
+    let path = match std::env::var_os("PGWARDEN_BIN") {
+        Some(bin) => PathBuf::from(bin),
+        None => {
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .filter(|dir| dir.is_absolute())
+                .unwrap_or_else(|| workspace_root().join("target"));
+            target.join("debug").join("pgwarden")
+        }
+    };
+    assert!(
+        path.is_file(),
+        "no pgwarden binary at {}: build it first: cargo build --bins",
+        path.display()
+    );
+    path
+}
+
+fn workspace_root() -> PathBuf {
+    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .expect("the tests crate lives inside the workspace")
+        .to_path_buf()
+}
+
+fn config_toml(
+    cluster: &PgCluster,
+    options: &PgwardenOptions,
+    port: u16,
+    admin_port: u16,
+    credentials: &Path,
+) -> String {
+    let credentials = toml_str(&credentials.display().to_string());
+    format!(
+        r#"[server]
+listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin_port}"
+max_client_connections = 10000
+{extra_server}
+
+[[targets]]
+name = "main"
+host = "{host}"
+port = {pg_port}
+databases = ["*"]
+pool_mode = {pool_mode}
+pool_size = {pool_size}
+max_backend_connections = {max_backend}
+borrow_timeout = {borrow_timeout}
+credentials = {{ provider = "file", path = {credentials} }}
+{extra_target}
+"#,
+        extra_server = options.extra_server_toml,
+        host = cluster.host(),
+        pg_port = cluster.port(),
+        pool_mode = toml_str(options.pool_mode),
+        pool_size = options.pool_size,
+        max_backend = options.max_backend_connections,
+        borrow_timeout = toml_str(options.borrow_timeout),
+        extra_target = options.extra_target_toml,
+    )
+}
+
+/// Two distinct ports that were free a moment ago (both held at once so they differ).
+fn two_free_ports() -> (u16, u16) {
+    let bind = || TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port");
+    let (a, b) = (bind(), bind());
+    let port = |l: &TcpListener| l.local_addr().expect("local addr of a bound socket").port();
+    (port(&a), port(&b))
+}
+
+/// A TOML string literal with escaping.
+fn toml_str(value: &str) -> String {
+    toml::Value::String(value.to_owned()).to_string()
+}
+
+fn spawn(binary: &Path, config: &Path, log: &Path) -> Child {
+    let stdout: File = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("open pgwarden.log");
+    let stderr = stdout.try_clone().expect("clone pgwarden.log handle");
+    let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+    Command::new(binary)
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", rust_log)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()))
+}
