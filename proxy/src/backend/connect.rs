@@ -96,7 +96,6 @@ async fn login(
             ("user", user),
             ("database", database),
             ("client_encoding", "UTF8"),
-            ("application_name", "pgwarden"),
         ],
         &mut out,
     );
