@@ -45,6 +45,7 @@ credentials = {{ provider = "file", path = {users:?} }}
         port = cluster.port,
     ))?;
     let server = Server::bind(config).await?;
+    tracing::info!(dir = %cluster.dir.path().display(), port = cluster.port, "demo Postgres cluster started");
     println!(
         "postgresql://{DEMO_USER}:{password}@{}:{}/{DEMO_USER}?sslmode=disable",
         server.listen.ip(),

@@ -16,7 +16,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 pub use cluster::PgCluster;
-pub use pgwarden::{Pgwarden, PgwardenOptions};
+pub use pgwarden::{binary_path as pgwarden_binary, Pgwarden, PgwardenOptions};
 
 /// Debian's Postgres 15 server binaries, used when nothing better is known.
 const DEFAULT_PG_BINDIR: &str = "/usr/lib/postgresql/15/bin";
@@ -75,4 +75,12 @@ fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Body of `GET http://127.0.0.1:{port}{path}`; panics unless the answer is 200.
+pub async fn http_get(port: u16, path: &str) -> String {
+    match http::get(port, path).await {
+        Ok((200, body)) => body,
+        other => panic!("GET {path} on port {port} failed: {other:?}"),
+    }
 }

@@ -275,7 +275,7 @@ impl Drop for Pgwarden {
 }
 
 /// `$PGWARDEN_BIN`, else `target/debug/pgwarden` of this workspace (or of `$CARGO_TARGET_DIR`).
-fn binary_path() -> PathBuf {
+pub fn binary_path() -> PathBuf {
     let path = match std::env::var_os("PGWARDEN_BIN") {
         Some(bin) => PathBuf::from(bin),
         None => {

@@ -1,0 +1,141 @@
+//! The `pgwarden` command line as an operator uses it: `check-config` and `demo`.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pgwarden_tests::{free_port, pgwarden_binary};
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write file");
+    path.display().to_string()
+}
+
+#[test]
+fn check_config_accepts_a_valid_file_and_never_prints_a_password() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(
+        dir.path(),
+        "users.toml",
+        "[[users]]\nname = \"app\"\npassword = \"s3cret-pw\"\n",
+    );
+    let config = write(
+        dir.path(),
+        "pgwarden.toml",
+        "[server]\n[[targets]]\nname = \"main\"\nhost = \"db\"\ncredentials = { provider = \"file\", path = \"users.toml\" }\n",
+    );
+    let out = Command::new(pgwarden_binary())
+        .args(["check-config", &config])
+        .output()
+        .expect("run check-config");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("valid"), "{stdout}");
+    assert!(stdout.contains("target \"main\""), "{stdout}");
+    assert!(!stdout.contains("s3cret-pw"));
+}
+
+#[test]
+fn check_config_reports_every_problem_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write(
+        dir.path(),
+        "pgwarden.toml",
+        "[server]\n[[targets]]\nname = \"main\"\nhost = \"\"\npool_size = 0\ncredentials = { provider = \"file\", path = \"users.toml\" }\n",
+    );
+    let out = Command::new(pgwarden_binary())
+        .args(["check-config", &config])
+        .output()
+        .expect("run check-config");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("host is empty"), "{stderr}");
+    assert!(stderr.contains("pool_size must be at least 1"), "{stderr}");
+}
+
+#[tokio::test]
+async fn demo_serves_the_connection_string_it_prints_and_cleans_up_on_sigterm() {
+    let port = free_port();
+    let mut child = Command::new(pgwarden_binary())
+        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+        .env("PGWARDEN_LOG_FORMAT", "json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn demo");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut dsn = String::new();
+    stdout.read_line(&mut dsn).expect("first line");
+    let mut metrics_url = String::new();
+    stdout.read_line(&mut metrics_url).expect("second line");
+    let dsn = dsn.trim().to_owned();
+    assert!(
+        dsn.starts_with("postgresql://"),
+        "first line is a connection string: {dsn:?}"
+    );
+    assert!(dsn.contains(&format!(":{port}/")), "{dsn}");
+
+    let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+        .await
+        .expect("connect with the printed string");
+    tokio::spawn(connection);
+    let row = client
+        .query_one("select current_user::text", &[])
+        .await
+        .expect("query");
+    assert_eq!(row.get::<_, String>(0), "demo");
+    drop(client);
+
+    let metrics_port: u16 = metrics_url
+        .trim()
+        .strip_prefix("http://127.0.0.1:")
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("second line is the metrics URL: {metrics_url:?}"));
+    let body = pgwarden_tests::http_get(metrics_port, "/metrics").await;
+    assert!(
+        body.contains("pgwarden_client_connections_received_total 1"),
+        "{body}"
+    );
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "demo did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "demo exit status {status}");
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut log)
+        .expect("log");
+    let dir = log
+        .lines()
+        .find(|l| l.contains("demo Postgres cluster started"))
+        .and_then(|l| l.split("\"dir\":\"").nth(1))
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("the log names the cluster dir: {log}"));
+    assert!(!Path::new(dir).exists(), "the demo removed {dir}");
+    assert!(
+        !log.contains(
+            dsn.split(':')
+                .nth(2)
+                .unwrap_or("-")
+                .split('@')
+                .next()
+                .unwrap_or("-")
+        ),
+        "the password is not logged"
+    );
+}
