@@ -224,7 +224,7 @@ mod tests {
 
     #[test]
     fn protocol_options_and_newer_minor_versions_are_recorded_for_negotiation() {
-        let mut buf = packet((3 << 16) | 2, b"user\0u\0_pq_.x\01\0\0");
+        let mut buf = packet((3 << 16) | 2, b"user\0u\0_pq_.x\0one\0\0");
         let Some(StartupPacket::Startup(m)) = parse_startup(&mut buf).expect("valid") else {
             panic!("startup expected")
         };

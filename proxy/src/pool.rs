@@ -25,6 +25,9 @@ use crate::config::TargetConfig;
 use crate::credentials::CredentialStore;
 use crate::metrics::Metrics;
 
+/// ParameterStatus values (name, value) in the order the server sent them.
+pub type ServerParams = Arc<Vec<(String, String)>>;
+
 /// Identifies a pool within its target.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -208,7 +211,7 @@ pub struct Pool {
     pub key: PoolKey,
     state: Mutex<PoolState>,
     /// ParameterStatus values of the first login, sent to clients at startup.
-    params: Mutex<Option<Arc<Vec<(String, String)>>>>,
+    params: Mutex<Option<ServerParams>>,
 }
 
 /// Counts one connection (or creation in progress) against its pool's `open`.
@@ -265,7 +268,7 @@ impl Pool {
     }
 
     /// The cached ParameterStatus values, if a backend of this pool has logged in.
-    pub fn params(&self) -> Option<Arc<Vec<(String, String)>>> {
+    pub fn params(&self) -> Option<ServerParams> {
         lock(&self.params).clone()
     }
 

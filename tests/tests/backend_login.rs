@@ -51,11 +51,9 @@ async fn a_backend_login_refused_by_postgres_reaches_the_client_as_postgres_sent
     let pgwarden = Pgwarden::start(&cluster, PgwardenOptions::default()).await;
     // pgwarden's stored password no longer matches the database's.
     cluster.psql("alter role app password 'changed-elsewhere'");
-    let err = pgwarden
-        .try_connect("app", "app-pw", "app")
-        .await
-        .err()
-        .expect("the backend login fails");
+    let Err(err) = pgwarden.try_connect("app", "app-pw", "app").await else {
+        panic!("the backend login should fail");
+    };
     let db = err.as_db_error().expect("a server error");
     assert_eq!(
         db.code(),
