@@ -12,6 +12,7 @@
 //! lock is held (its slot's drop takes that lock).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -65,6 +66,10 @@ pub struct Target {
     pub credentials: CredentialStore,
     /// Permits for `max_backend_connections`, held by every open connection.
     capacity: Arc<Semaphore>,
+    /// Pools waiting for a share of `max_backend_connections`. While any wait, a connection
+    /// returned to a pool with no waiters of its own is closed instead of kept idle, so one
+    /// pool's idle connections cannot starve another pool of the same target.
+    capacity_waiters: AtomicUsize,
     /// Permits for `max_logins_in_flight`.
     logins: Semaphore,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
@@ -79,6 +84,7 @@ impl Target {
     ) -> Arc<Self> {
         Arc::new(Self {
             capacity: Arc::new(Semaphore::new(config.max_backend_connections)),
+            capacity_waiters: AtomicUsize::new(0),
             logins: Semaphore::new(config.max_logins_in_flight),
             pools: Mutex::new(HashMap::new()),
             config,
@@ -486,9 +492,16 @@ impl Pool {
         if let Ok(permit) = target.capacity.clone().try_acquire_owned() {
             return Ok(permit);
         }
-        target.evict_idle_elsewhere(&self.key);
-        tokio::time::timeout_at(deadline.into(), target.capacity.clone().acquire_owned())
-            .await
+        if target.evict_idle_elsewhere(&self.key) {
+            if let Ok(permit) = target.capacity.clone().try_acquire_owned() {
+                return Ok(permit);
+            }
+        }
+        target.capacity_waiters.fetch_add(1, Ordering::SeqCst);
+        let acquired =
+            tokio::time::timeout_at(deadline.into(), target.capacity.clone().acquire_owned()).await;
+        target.capacity_waiters.fetch_sub(1, Ordering::SeqCst);
+        acquired
             .map_err(|_| {
                 BorrowError::TargetFull(target.config.borrow_timeout, target.name().to_owned())
             })
@@ -504,10 +517,17 @@ impl Pool {
         }
         conn.idle_since = now;
         let mut st = lock(&self.state);
-        if let Some(Grant::Conn(mut conn)) = hand_off(&mut st, Grant::Conn(conn)) {
-            conn.set_idle(true);
-            st.idle.push(conn);
+        let Some(Grant::Conn(mut conn)) = hand_off(&mut st, Grant::Conn(conn)) else {
+            return;
+        };
+        if self.target.capacity_waiters.load(Ordering::SeqCst) > 0 {
+            drop(st);
+            self.target.count_closed("rebalanced");
+            drop(conn);
+            return;
         }
+        conn.set_idle(true);
+        st.idle.push(conn);
     }
 
     /// Closes a connection that must not be reused (broken, or dirty after a failed reset).
