@@ -442,3 +442,43 @@ async fn named_statements_work_in_transaction_mode() {
         assert_eq!(row.get::<_, i32>(0), i * 2);
     }
 }
+
+#[tokio::test]
+async fn pipelined_requests_lost_with_a_terminated_backend_all_get_errors_never_empty_success() {
+    let (cluster, pgwarden) = start(PgwardenOptions::default()).await;
+    let client = pgwarden.connect("app", "app-pw", "app").await;
+    let admin = cluster.superuser().await;
+    let terminate = async {
+        loop {
+            let rows = admin
+                .query(
+                    "select pg_terminate_backend(pid) from pg_stat_activity where query like 'select pg_sleep(20)%' and pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .expect("terminate");
+            if !rows.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (first, second, ()) = tokio::join!(
+        client.simple_query("select pg_sleep(20)"),
+        client.simple_query("select 2"),
+        terminate
+    );
+    assert_eq!(
+        first.expect_err("first fails").code(),
+        Some(&SqlState::ADMIN_SHUTDOWN)
+    );
+    assert!(
+        second.is_err(),
+        "a request the dead backend never answered is reported as failed: {second:?}"
+    );
+    let rows = client
+        .simple_query("select 4")
+        .await
+        .expect("session goes on");
+    assert_eq!(first_value(&rows).as_deref(), Some("4"));
+}

@@ -124,21 +124,22 @@ pub async fn run(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr) {
             establish(&app, &mut stream, &mut buf, &message),
         )
         .await;
+        let setup = match setup {
+            Ok(Ok(pool)) => start_session(&app, &mut stream, pool).await,
+            Ok(Err(failure)) => Err(failure),
+            Err(_) => Err(ErrorReport::fatal(
+                sqlstate::CONNECTION_FAILURE,
+                format!(
+                    "startup and authentication did not finish within {:?}",
+                    app.config.server.startup_timeout
+                ),
+            )
+            .into()),
+        };
         let (mut session, held) = match setup {
-            Ok(Ok(ready)) => ready,
-            Ok(Err(failure)) => {
+            Ok(ready) => ready,
+            Err(failure) => {
                 fail(&app, &mut stream, &failure).await;
-                return;
-            }
-            Err(_) => {
-                let report = ErrorReport::fatal(
-                    sqlstate::CONNECTION_FAILURE,
-                    format!(
-                        "startup and authentication did not finish within {:?}",
-                        app.config.server.startup_timeout
-                    ),
-                );
-                fail(&app, &mut stream, &report.into()).await;
                 return;
             }
         };
@@ -210,14 +211,14 @@ async fn fail(app: &App, stream: &mut TcpStream, failure: &Failure) {
     let _ = stream.shutdown().await;
 }
 
-/// Authenticates the client and sends everything up to its first ReadyForQuery. Returns the
-/// session and, in session mode, the backend it keeps.
+/// Picks the target for the client's database and authenticates the client; returns the
+/// pool that will serve it. Bounded by the startup timeout.
 async fn establish(
     app: &Arc<App>,
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     message: &StartupMessage,
-) -> Result<(Session, Option<BackendConn>), Failure> {
+) -> Result<Arc<Pool>, Failure> {
     let user = message.user().ok_or_else(|| {
         ErrorReport::fatal(
             sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
@@ -253,10 +254,22 @@ async fn establish(
         return Err(failure.report.into());
     }
 
-    let pool = target.pool(PoolKey {
+    Ok(target.pool(PoolKey {
         database: database.to_owned(),
         user: user.to_owned(),
-    });
+    }))
+}
+
+/// Sends an authenticated client its ParameterStatus messages, BackendKeyData and first
+/// ReadyForQuery. Bounded by `borrow_timeout`, not the startup timeout: a backend is
+/// borrowed when the pool's parameters are not cached yet, and kept in session mode.
+async fn start_session(
+    app: &Arc<App>,
+    stream: &mut TcpStream,
+    pool: Arc<Pool>,
+) -> Result<(Session, Option<BackendConn>), Failure> {
+    let target = pool.target().clone();
+    let mut out = BytesMut::with_capacity(512);
     let mode = target.config.pool_mode;
     let mut held = None;
     if mode == PoolMode::Session || pool.params().is_none() {

@@ -44,6 +44,8 @@ pub struct TxState {
     pub copy_in: bool,
     /// An ErrorResponse arrived since the last ReadyForQuery.
     pub error_since_ready: bool,
+    /// The backend sent a FATAL error: it is about to close, so nothing more is sent to it.
+    pub backend_fatal: bool,
 }
 
 impl Default for TxState {
@@ -54,6 +56,7 @@ impl Default for TxState {
             status: backend::IDLE,
             copy_in: false,
             error_since_ready: false,
+            backend_fatal: false,
         }
     }
 }
@@ -68,8 +71,10 @@ enum End {
     ClientGone,
     /// The client sent bytes that are not protocol.
     ClientProtocol(ProtocolError),
-    /// The backend's socket closed or failed, or it sent invalid protocol.
-    BackendGone,
+    /// The backend's socket closed or failed, it sent a FATAL error, or it sent invalid
+    /// protocol. `unsent` leading bytes of the client buffer were walked (and counted as
+    /// requests) but never reached it.
+    BackendGone { unsent: usize },
 }
 
 /// Serves the client until it leaves. `held` is a backend the session already has (session
@@ -119,12 +124,24 @@ pub async fn serve(
                 cleanup::release_after_client(s, backend, tx).await;
                 return;
             }
-            End::BackendGone => {
+            End::BackendGone { unsent } => {
                 s.pool.discard(backend, "lost");
-                // The client's session survives; a COPY it was feeding does not.
-                s.client_walker = FrameWalker::new();
-                cbuf.clear();
+                // Requests that never reached the backend are answered with errors below;
+                // bytes not yet walked go to the next backend. Postgres ignores stray COPY
+                // data, so a COPY the client was feeding fails cleanly.
+                cbuf.advance(unsent);
                 if report_lost_backend(stream, &tx).await.is_err() {
+                    return;
+                }
+                if !s.client_walker.at_boundary() {
+                    // A large message was half relayed: the stream cannot be resumed.
+                    let mut out = BytesMut::new();
+                    ErrorReport::fatal(
+                        sqlstate::CONNECTION_FAILURE,
+                        "the database connection was lost in the middle of a message",
+                    )
+                    .encode(&mut out);
+                    let _ = stream.write_all(&out).await;
                     return;
                 }
             }
@@ -222,7 +239,7 @@ async fn relay(
     let mut b_ready = 0;
     let mut terminating = false;
     loop {
-        if !terminating {
+        if !terminating && !tx.backend_fatal {
             match walk_client(s, tx, &cbuf[c_ready..]) {
                 Ok((n, stopped)) => {
                     c_ready += n;
@@ -235,8 +252,13 @@ async fn relay(
             Ok(n) => b_ready += n,
             Err(e) => {
                 debug!(error = %e, "backend sent invalid protocol");
-                return End::BackendGone;
+                return End::BackendGone { unsent: c_ready };
             }
+        }
+        if tx.backend_fatal && b_ready == 0 {
+            // The FATAL error has reached the client; whatever the client sends next goes
+            // to another backend instead of this dying one.
+            return End::BackendGone { unsent: c_ready };
         }
         let quiet =
             bbuf.is_empty() && backend_walker.at_boundary() && s.client_walker.at_boundary();
@@ -255,8 +277,11 @@ async fn relay(
             return End::Idle;
         }
 
+        let backend_fatal = tx.backend_fatal;
         let event = poll_fn(|cx| {
-            if c_ready > 0 {
+            if backend_fatal {
+                // Neither read from the client nor write to the dying backend.
+            } else if c_ready > 0 {
                 if let Poll::Ready(r) = Pin::new(&mut backend_wr).poll_write(cx, &cbuf[..c_ready]) {
                     return Poll::Ready(Event::ToBackend(r));
                 }
@@ -289,7 +314,7 @@ async fn relay(
                 return End::ClientGone
             }
             Event::FromBackend(Ok(0) | Err(_)) | Event::ToBackend(Ok(0) | Err(_)) => {
-                return End::BackendGone
+                return End::BackendGone { unsent: c_ready }
             }
             Event::FromClient(Ok(_)) | Event::FromBackend(Ok(_)) => {}
             Event::ToBackend(Ok(n)) => {
@@ -397,6 +422,7 @@ fn walk_backend(
                     tx.copy_in = false;
                     if let Ok(fields) = ErrorFields::parse(m.body) {
                         if fields.is_fatal() {
+                            tx.backend_fatal = true;
                             debug!(code = %fields.code, "backend reported a fatal error");
                         }
                     }
@@ -416,9 +442,10 @@ fn walk_backend(
     }
 }
 
-/// Tells a client whose backend vanished what Postgres would have: an error for its
-/// request (unless the server already sent one, such as 57P01 from `pg_terminate_backend`)
-/// and a ReadyForQuery per request, so its session can go on.
+/// Tells a client whose backend vanished what Postgres would have: an error for each
+/// request still unanswered (the first one may already have the server's own error, such
+/// as 57P01 from `pg_terminate_backend`) and a ReadyForQuery for each, so its session can go
+/// on. No request is ever answered with a success it did not have.
 async fn report_lost_backend<W: AsyncWrite + Unpin>(
     client: &mut W,
     tx: &TxState,
@@ -427,14 +454,14 @@ async fn report_lost_backend<W: AsyncWrite + Unpin>(
         return Ok(());
     }
     let mut out = BytesMut::new();
-    if !tx.error_since_ready {
-        ErrorReport::error(
-            sqlstate::CONNECTION_FAILURE,
-            "the database connection serving this transaction was lost; the transaction was rolled back",
-        )
-        .encode(&mut out);
-    }
-    for _ in 0..tx.pending {
+    for i in 0..tx.pending {
+        if i > 0 || !tx.error_since_ready {
+            ErrorReport::error(
+                sqlstate::CONNECTION_FAILURE,
+                "the database connection serving this transaction was lost; the transaction was rolled back",
+            )
+            .encode(&mut out);
+        }
         backend::ready_for_query(&mut out, backend::IDLE);
     }
     client.write_all(&out).await
