@@ -35,7 +35,7 @@ pub struct FileCredentials {
 /// never contain a password, so they are safe to log and to print.
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
-    #[error("cannot read credentials file {path}: {source}")]
+    #[error("cannot read credentials file {path}")]
     Read {
         path: PathBuf,
         #[source]

@@ -174,7 +174,7 @@ impl ScramExchange {
     /// `mock_key` (a random per-process key) so that repeated attempts for one
     /// name see the same salt, as they would for a real user.
     pub fn doomed(user: &str, mock_key: &[u8]) -> Self {
-        let salt = hmac(mock_key, &[user.as_bytes()]);
+        let salt = user_salt(mock_key, user);
         let mut keys = [0u8; 2 * KEY_LEN];
         rand::thread_rng().fill_bytes(&mut keys);
         let mut stored_key = [0u8; KEY_LEN];
@@ -184,7 +184,7 @@ impl ScramExchange {
         ScramExchange {
             secrets: vec![ScramSecret {
                 iterations: DEFAULT_ITERATIONS,
-                salt: salt[..SALT_LEN].to_vec(),
+                salt: salt.to_vec(),
                 stored_key,
                 server_key,
             }],
@@ -343,6 +343,16 @@ impl ScramExchange {
         let server_signature = hmac(&secret.server_key, &auth_message);
         Ok(format!("v={}", STANDARD.encode(server_signature)).into_bytes())
     }
+}
+
+/// The salt of `user`'s secret, derived from a per-process key: real and unknown users get
+/// salts made the same way, so the salt in server-first tells nothing about whether a user
+/// exists (a shared salt for real users would).
+pub fn user_salt(key: &[u8], user: &str) -> [u8; SALT_LEN] {
+    let mac = hmac(key, &[b"pgwarden-scram-salt", user.as_bytes()]);
+    let mut salt = [0u8; SALT_LEN];
+    salt.copy_from_slice(&mac[..SALT_LEN]);
+    salt
 }
 
 fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; KEY_LEN] {

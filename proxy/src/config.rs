@@ -75,7 +75,8 @@ pub struct TargetConfig {
     /// Hard cap on backend connections across all pools of this target. Default 100.
     #[serde(default = "defaults::max_backend_connections")]
     pub max_backend_connections: usize,
-    /// Idle backend connections each pool keeps open once it exists. Default 0.
+    /// Backend connections (idle or borrowed) each pool keeps open once it exists, opened
+    /// ahead of demand. Default 0.
     #[serde(default)]
     pub min_idle: usize,
     /// An idle backend connection is closed after this long (above `min_idle`). Default `10m`.
@@ -172,9 +173,10 @@ mod defaults {
 /// A configuration that could not be loaded; lists every problem found.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
     #[error("{path}: {message}")]
@@ -223,6 +225,9 @@ impl Config {
         let mut problems = Vec::new();
         if self.targets.is_empty() {
             problems.push("at least one [[targets]] entry is required".to_owned());
+        }
+        if self.server.startup_timeout.is_zero() {
+            problems.push("server.startup_timeout must be above zero".to_owned());
         }
         if self.server.max_client_connections == 0 {
             problems.push("server.max_client_connections must be at least 1".to_owned());

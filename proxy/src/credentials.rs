@@ -41,9 +41,11 @@ impl CredentialStore {
     }
 
     pub fn from_users(file: &FileCredentials) -> Result<Self, StoreError> {
-        let salt = ScramSecret::random_salt();
+        let mut mock_key = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut mock_key);
         let mut users = HashMap::new();
         for user in file.users() {
+            let salt = pgwarden_auth::scram::user_salt(&mock_key, &user.name);
             let scram = ScramSecret::from_password(user.password.expose(), &salt, SCRAM_ITERATIONS)
                 .map_err(|e| StoreError::Scram {
                     user: user.name.clone(),
@@ -57,8 +59,6 @@ impl CredentialStore {
                 },
             );
         }
-        let mut mock_key = [0u8; 32];
-        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut mock_key);
         Ok(Self { users, mock_key })
     }
 
@@ -72,5 +72,24 @@ impl CredentialStore {
 
     pub fn user_count(&self) -> usize {
         self.users.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_user_gets_its_own_salt_derived_like_an_unknown_users() {
+        let file = FileCredentials::from_toml_str(
+            "[[users]]\nname = \"alice\"\npassword = \"a\"\n[[users]]\nname = \"bob\"\npassword = \"b\"\n",
+        )
+        .expect("valid");
+        let store = CredentialStore::from_users(&file).expect("store");
+        let alice = store.get("alice").expect("alice").scram.salt().to_vec();
+        let bob = store.get("bob").expect("bob").scram.salt().to_vec();
+        assert_ne!(alice, bob, "a shared salt would tell real users from unknown ones");
+        let derived = pgwarden_auth::scram::user_salt(store.mock_key(), "alice");
+        assert_eq!(alice, derived.to_vec());
     }
 }

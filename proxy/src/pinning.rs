@@ -58,6 +58,10 @@ pub fn classify_sql(sql: &str) -> Option<PinReason> {
     if lower.contains("set_config") {
         return Some(PinReason::SessionSetting);
     }
+    // `SELECT ... INTO TEMP t` and tables created in `pg_temp` directly.
+    if lower.contains("pg_temp.") || lower.contains("into temp") {
+        return Some(PinReason::TempTable);
+    }
     let found = statements(&lower).into_iter().find_map(classify_statement);
     found
 }
@@ -215,6 +219,8 @@ mod tests {
                 PinReason::HoldCursor,
             ),
             ("LOAD 'auto_explain'", PinReason::Load),
+            ("select 1 as a into temp t", PinReason::TempTable),
+            ("create table pg_temp.t (a int)", PinReason::TempTable),
         ];
         for (sql, reason) in cases {
             assert_eq!(classify_sql(sql), Some(reason), "{sql}");

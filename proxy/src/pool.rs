@@ -147,8 +147,15 @@ impl Target {
     }
 
     /// One maintenance pass: close idle connections past `idle_timeout` (above `min_idle`)
-    /// or past their lifetime, and open connections up to `min_idle`.
+    /// or past their lifetime, open connections up to `min_idle`, and forget pools nobody
+    /// uses (so made-up database names cannot grow the pool map without bound).
     pub fn maintain(self: &Arc<Self>) {
+        self.maintain_pools();
+        lock(&self.pools)
+            .retain(|_, pool| Arc::strong_count(pool) > 1 || lock(&pool.state).open > 0);
+    }
+
+    fn maintain_pools(self: &Arc<Self>) {
         let now = Instant::now();
         for pool in self.pools() {
             let mut closing = Vec::new();
@@ -176,7 +183,7 @@ impl Target {
                 let pool = pool.clone();
                 tokio::spawn(async move {
                     let deadline = Instant::now() + pool.target.config.connect_timeout;
-                    match pool.create(slot, deadline).await {
+                    match pool.create(slot, Instant::now(), deadline).await {
                         Ok(conn) => pool.checkin(conn),
                         Err(e) => {
                             warn!(target_name = %pool.target.name(), error = %e, "min_idle connection failed")
@@ -312,7 +319,7 @@ impl Pool {
         drop(discard);
         let mut conn = match step {
             Step::Ready(conn) => conn,
-            Step::Create(slot) => self.create(slot, deadline).await?,
+            Step::Create(slot) => self.create(slot, started, deadline).await?,
             Step::Wait(rx) => self.wait(rx, started, deadline).await?,
         };
         conn.set_idle(false);
@@ -367,7 +374,7 @@ impl Pool {
         };
         match grant {
             Grant::Conn(conn) => Ok(conn),
-            Grant::Slot(slot) => self.create(slot, deadline).await,
+            Grant::Slot(slot) => self.create(slot, started, deadline).await,
         }
     }
 
@@ -400,13 +407,14 @@ impl Pool {
     async fn create(
         self: &Arc<Self>,
         slot: Slot,
+        started: Instant,
         deadline: Instant,
     ) -> Result<BackendConn, BorrowError> {
         let target = &self.target;
-        let capacity = self.target_capacity(deadline).await?;
+        let capacity = self.target_capacity(started, deadline).await?;
         let _login = tokio::time::timeout_at(deadline.into(), target.logins.acquire())
             .await
-            .map_err(|_| self.timeout_error(Instant::now() - target.config.borrow_timeout))?
+            .map_err(|_| self.timeout_error(started))?
             .expect("the login semaphore is never closed");
         let creds = target
             .credentials
@@ -486,6 +494,7 @@ impl Pool {
 
     async fn target_capacity(
         &self,
+        started: Instant,
         deadline: Instant,
     ) -> Result<OwnedSemaphorePermit, BorrowError> {
         let target = &self.target;
@@ -503,7 +512,12 @@ impl Pool {
         target.capacity_waiters.fetch_sub(1, Ordering::SeqCst);
         acquired
             .map_err(|_| {
-                BorrowError::TargetFull(target.config.borrow_timeout, target.name().to_owned())
+                target
+                    .metrics
+                    .borrow_timeouts
+                    .with_label_values(&[target.name()])
+                    .inc();
+                BorrowError::TargetFull(started.elapsed(), target.name().to_owned())
             })
             .map(|p| p.expect("the capacity semaphore is never closed"))
     }
