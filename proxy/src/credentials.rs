@@ -88,7 +88,10 @@ mod tests {
         let store = CredentialStore::from_users(&file).expect("store");
         let alice = store.get("alice").expect("alice").scram.salt().to_vec();
         let bob = store.get("bob").expect("bob").scram.salt().to_vec();
-        assert_ne!(alice, bob, "a shared salt would tell real users from unknown ones");
+        assert_ne!(
+            alice, bob,
+            "a shared salt would tell real users from unknown ones"
+        );
         let derived = pgwarden_auth::scram::user_salt(store.mock_key(), "alice");
         assert_eq!(alice, derived.to_vec());
     }

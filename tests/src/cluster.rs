@@ -95,6 +95,11 @@ impl PgCluster {
     /// Runs `sql` with `psql -XAtq` as superuser over the unix socket; returns stdout without
     /// its trailing newline. Panics with psql's stderr if the statement fails.
     pub fn psql(&self, sql: &str) -> String {
+        self.psql_in("postgres", sql)
+    }
+
+    /// Like [`PgCluster::psql`], in database `database`.
+    pub fn psql_in(&self, database: &str, sql: &str) -> String {
         let out = Command::new(pg_bindir().join("psql"))
             .args([
                 "-X",
@@ -106,7 +111,7 @@ impl PgCluster {
                 "-U",
                 "postgres",
             ])
-            .args(["-d", "postgres", "-h"])
+            .args(["-d", database, "-h"])
             .arg(self.dir.path())
             .args(["-p", &self.port.to_string(), "-c", sql])
             .output()

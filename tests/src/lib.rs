@@ -84,3 +84,25 @@ pub async fn http_get(port: u16, path: &str) -> String {
         other => panic!("GET {path} on port {port} failed: {other:?}"),
     }
 }
+
+/// Sum of every sample of metric `name` (any labels) in a Prometheus text exposition, or
+/// `None` when the metric has no sample at all (e.g. a counter vector never incremented).
+pub fn metric_sum(metrics: &str, name: &str) -> Option<f64> {
+    let mut sum = None;
+    for line in metrics.lines().filter(|line| !line.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        // `name` must be the whole metric name, not a prefix of a longer one.
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        let value = rest
+            .rsplit(' ')
+            .next()
+            .and_then(|value| value.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("unparsable metric sample: {line:?}"));
+        *sum.get_or_insert(0.0) += value;
+    }
+    sum
+}

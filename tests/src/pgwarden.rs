@@ -241,6 +241,27 @@ impl Pgwarden {
         }
     }
 
+    /// Sends SIGTERM, as an orchestrator stopping the process would.
+    pub fn send_sigterm(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// The exit status, once pgwarden has exited within `within`; `None` if still running.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// SIGTERM, then SIGKILL if pgwarden has not exited within `STOP_TIMEOUT`.
     fn stop(&mut self) {
         if matches!(self.child.try_wait(), Ok(Some(_))) {

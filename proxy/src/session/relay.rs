@@ -6,7 +6,7 @@
 //! filled or being drained, never both, which gives backpressure in both directions without
 //! a proxy-made deadlock: the backend side is always read while the client side waits.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::task::Poll;
@@ -67,6 +67,8 @@ enum End {
     Idle,
     /// The client sent Terminate.
     ClientTerminated,
+    /// pgwarden is shutting down and the client is between transactions.
+    Shutdown,
     /// The client's socket closed or failed.
     ClientGone,
     /// The client sent bytes that are not protocol.
@@ -113,6 +115,17 @@ pub async fn serve(
         s.cancel.detach();
         match end {
             End::Idle => s.pool.checkin(backend),
+            End::Shutdown => {
+                let mut out = BytesMut::new();
+                ErrorReport::fatal(
+                    sqlstate::ADMIN_SHUTDOWN,
+                    "terminating connection because pgwarden is shutting down",
+                )
+                .encode(&mut out);
+                let _ = stream.write_all(&out).await;
+                cleanup::release_after_client(s, backend, tx).await;
+                return;
+            }
             End::ClientTerminated | End::ClientGone => {
                 cleanup::release_after_client(s, backend, tx).await;
                 return;
@@ -220,6 +233,8 @@ enum Event {
     FromClient(std::io::Result<usize>),
     ToBackend(std::io::Result<usize>),
     FromBackend(std::io::Result<usize>),
+    /// Shutdown began; noticed once.
+    Shutdown,
     ToClient(std::io::Result<usize>),
 }
 
@@ -238,6 +253,12 @@ async fn relay(
     let mut c_ready = 0;
     let mut b_ready = 0;
     let mut terminating = false;
+    // Session-mode and pinned clients wait here between transactions, so shutdown must be
+    // noticed here too, not only while waiting without a backend.
+    let shutdown = s.app.shutdown.clone();
+    let shutdown_signal = shutdown.cancelled();
+    tokio::pin!(shutdown_signal);
+    let mut shutdown_seen = false;
     loop {
         if !terminating && !tx.backend_fatal {
             match walk_client(s, tx, &cbuf[c_ready..]) {
@@ -277,6 +298,16 @@ async fn relay(
             return End::Idle;
         }
 
+        if shutdown_seen
+            && cbuf.is_empty()
+            && quiet
+            && tx.pending == 0
+            && !tx.unsynced
+            && tx.status == backend::IDLE
+        {
+            return End::Shutdown;
+        }
+
         let backend_fatal = tx.backend_fatal;
         let event = poll_fn(|cx| {
             if backend_fatal {
@@ -305,6 +336,9 @@ async fn relay(
                     return Poll::Ready(Event::FromBackend(r));
                 }
             }
+            if !shutdown_seen && shutdown_signal.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Shutdown);
+            }
             Poll::Pending
         })
         .await;
@@ -317,6 +351,7 @@ async fn relay(
                 return End::BackendGone { unsent: c_ready }
             }
             Event::FromClient(Ok(_)) | Event::FromBackend(Ok(_)) => {}
+            Event::Shutdown => shutdown_seen = true,
             Event::ToBackend(Ok(n)) => {
                 cbuf.advance(n);
                 c_ready -= n;

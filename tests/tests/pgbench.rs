@@ -1,0 +1,226 @@
+//! pgbench, the stock Postgres load generator, through pgwarden in transaction mode: many
+//! clients share a small pool without a failed transaction, the pool bound holds on the
+//! server, TPC-B leaves the balances consistent, and neither a new connection per
+//! transaction nor the extended protocol causes errors (or, for unnamed statements, pins).
+
+use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgwarden_tests::{metric_sum, PgCluster, Pgwarden, PgwardenOptions};
+
+async fn start(options: PgwardenOptions) -> (PgCluster, Pgwarden) {
+    let cluster = PgCluster::start();
+    let pgwarden = Pgwarden::start(&cluster, options).await;
+    (cluster, pgwarden)
+}
+
+/// Runs pgbench as user `app` on database `app` through pgwarden, off the async runtime so
+/// the test can watch the server meanwhile.
+async fn pgbench_through(pgwarden: &Pgwarden, args: &[&str]) -> Output {
+    let port = pgwarden.port().to_string();
+    let mut all: Vec<String> = ["-h", "127.0.0.1", "-p", &port, "-U", "app"]
+        .iter()
+        .chain(args)
+        .map(|s| (*s).to_owned())
+        .collect();
+    all.push("app".to_owned());
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = all.iter().map(String::as_str).collect();
+        pgwarden_tests::pgbench(&args, &[("PGPASSWORD", "app-pw"), ("PGSSLMODE", "disable")])
+    })
+    .await
+    .expect("pgbench task")
+}
+
+/// stdout and stderr of a finished pgbench, for assertions and failure messages.
+fn text(out: &Output) -> String {
+    format!(
+        "{}\n--- stderr ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Panics with pgbench's output and pgwarden's log unless pgbench succeeded.
+fn assert_success(out: &Output, pgwarden: &Pgwarden, what: &str) -> String {
+    let text = text(out);
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{text}\n--- pgwarden log ---\n{}",
+        out.status,
+        pgwarden.log()
+    );
+    text
+}
+
+/// A count pgbench reports on a line `label: N` (e.g. `number of failed transactions: 0 (0.000%)`).
+fn reported(text: &str, label: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.trim().strip_prefix(label))
+        .and_then(|rest| rest.trim_start_matches(':').split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("pgbench output has no {label:?} count:\n{text}"))
+}
+
+/// A superuser client connected straight to database `app` of the cluster.
+async fn direct_to_app_db(cluster: &PgCluster) -> tokio_postgres::Client {
+    let dsn = cluster
+        .superuser_dsn()
+        .replace("dbname=postgres", "dbname=app");
+    let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+        .await
+        .expect("connect to database app of the cluster as postgres");
+    tokio::spawn(connection);
+    client
+}
+
+/// The first column of the single row `sql` returns, as text.
+async fn scalar(client: &tokio_postgres::Client, sql: &str) -> String {
+    let rows = client.simple_query(sql).await.expect(sql);
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{sql} returned no value"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_tpcb_100_clients_through_pool_of_10_is_consistent_and_bounded() {
+    let (cluster, pgwarden) = start(PgwardenOptions {
+        pool_size: 10,
+        max_backend_connections: 10,
+        ..PgwardenOptions::default()
+    })
+    .await;
+
+    let init = pgbench_through(&pgwarden, &["-i", "-s", "2"]).await;
+    assert_success(&init, &pgwarden, "pgbench -i -s 2 through pgwarden");
+    let direct = direct_to_app_db(&cluster).await;
+    assert_eq!(
+        scalar(&direct, "select count(*) from pgbench_accounts").await,
+        "200000"
+    );
+
+    // Watch how many backends the app user has on the server while the load runs.
+    let watcher = cluster.superuser().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let poll = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut max, mut samples) = (0i64, 0u32);
+            while !stop.load(Ordering::Relaxed) {
+                let row = watcher
+                    .query_one(
+                        "select count(*) from pg_stat_activity where usename = 'app'",
+                        &[],
+                    )
+                    .await
+                    .expect("count app backends");
+                max = max.max(row.get(0));
+                samples += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (max, samples)
+        })
+    };
+
+    let run = pgbench_through(&pgwarden, &["-c", "100", "-j", "2", "-T", "20"]).await;
+    stop.store(true, Ordering::Relaxed);
+    let (max_backends, samples) = poll.await.expect("poll task");
+    let text = assert_success(&run, &pgwarden, "pgbench -c 100 -j 2 -T 20");
+    eprintln!("{text}\nmost app backends seen on the server: {max_backends} ({samples} samples)");
+
+    assert_eq!(reported(&text, "number of failed transactions"), 0);
+    assert!(reported(&text, "number of transactions actually processed") > 0);
+    assert!(
+        samples >= 50,
+        "only {samples} samples of pg_stat_activity in 20 s"
+    );
+    assert!(
+        (1..=10).contains(&max_backends),
+        "the app user had up to {max_backends} backends on the server with pool_size 10"
+    );
+
+    let history = scalar(
+        &direct,
+        "select count(*) || ' ' || coalesce(sum(delta), 0) from pgbench_history",
+    )
+    .await;
+    let (count, delta) = history.split_once(' ').expect("count and sum");
+    assert_eq!(
+        count,
+        reported(&text, "number of transactions actually processed").to_string(),
+        "one history row per committed transaction"
+    );
+    for (table, column) in [
+        ("pgbench_accounts", "abalance"),
+        ("pgbench_tellers", "tbalance"),
+        ("pgbench_branches", "bbalance"),
+    ] {
+        let sum = scalar(&direct, &format!("select sum({column}) from {table}")).await;
+        assert_eq!(
+            sum, delta,
+            "sum({column}) of {table} vs sum(delta) of history"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_new_connection_per_transaction_select_only_has_no_errors() {
+    let (_cluster, pgwarden) = start(PgwardenOptions::default()).await;
+    let init = pgbench_through(&pgwarden, &["-i", "-s", "1"]).await;
+    assert_success(&init, &pgwarden, "pgbench -i -s 1 through pgwarden");
+
+    let run = pgbench_through(&pgwarden, &["-C", "-S", "-c", "10", "-j", "2", "-T", "10"]).await;
+    let text = assert_success(&run, &pgwarden, "pgbench -C -S -c 10 -j 2 -T 10");
+    eprintln!("{text}");
+
+    assert_eq!(reported(&text, "number of failed transactions"), 0);
+    let transactions = reported(&text, "number of transactions actually processed");
+    assert!(transactions > 0, "no transactions:\n{text}");
+    let received = metric_sum(
+        &pgwarden.metrics().await,
+        "pgwarden_client_connections_received_total",
+    )
+    .expect("pgwarden_client_connections_received_total has a sample");
+    assert!(
+        received >= transactions as f64,
+        "pgwarden received {received} client connections for {transactions} transactions \
+         with a new connection each"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_extended_protocol_has_no_errors() {
+    let (_cluster, pgwarden) = start(PgwardenOptions {
+        pool_size: 5,
+        ..PgwardenOptions::default()
+    })
+    .await;
+    let init = pgbench_through(&pgwarden, &["-i", "-s", "1"]).await;
+    assert_success(&init, &pgwarden, "pgbench -i -s 1 through pgwarden");
+
+    let run = pgbench_through(
+        &pgwarden,
+        &["-M", "extended", "-c", "20", "-j", "2", "-T", "10"],
+    )
+    .await;
+    let text = assert_success(&run, &pgwarden, "pgbench -M extended -c 20 -j 2 -T 10");
+    eprintln!("{text}");
+
+    assert_eq!(reported(&text, "number of failed transactions"), 0);
+    assert!(reported(&text, "number of transactions actually processed") > 0);
+    let metrics = pgwarden.metrics().await;
+    assert!(
+        metric_sum(&metrics, "pgwarden_query_requests_total").is_some_and(|n| n > 0.0),
+        "no query requests counted:\n{metrics}"
+    );
+    assert_eq!(
+        metric_sum(&metrics, "pgwarden_pins_total"),
+        None,
+        "unnamed statements of the extended protocol pinned a client:\n{metrics}"
+    );
+}
