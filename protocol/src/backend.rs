@@ -62,6 +62,26 @@ pub fn authentication_sasl_final(out: &mut BytesMut, data: &[u8]) {
     auth(out, AUTH_SASL_FINAL, data);
 }
 
+pub const PARSE_COMPLETE: u8 = b'1';
+pub const BIND_COMPLETE: u8 = b'2';
+pub const CLOSE_COMPLETE: u8 = b'3';
+pub const COMMAND_COMPLETE: u8 = b'C';
+
+pub fn parse_complete(out: &mut BytesMut) {
+    write_message(out, PARSE_COMPLETE, |_| {});
+}
+
+pub fn close_complete(out: &mut BytesMut) {
+    write_message(out, CLOSE_COMPLETE, |_| {});
+}
+
+pub fn command_complete(out: &mut BytesMut, tag: &str) {
+    write_message(out, COMMAND_COMPLETE, |b| {
+        b.extend_from_slice(tag.as_bytes());
+        b.put_u8(0);
+    });
+}
+
 pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
     write_message(out, PARAMETER_STATUS, |b| {
         b.extend_from_slice(name.as_bytes());

@@ -103,6 +103,17 @@ impl FrameWalker {
         inspect: impl Fn(u8) -> bool,
         mut on: impl FnMut(Walk<'a>) -> ControlFlow<()>,
     ) -> Result<(usize, bool), ProtocolError> {
+        self.walk_at(buf, inspect, |_, w| on(w))
+    }
+
+    /// Like [`FrameWalker::walk`], also telling `on` the offset in `buf` where each message
+    /// starts, for callers that rewrite the stream message by message.
+    pub fn walk_at<'a>(
+        &mut self,
+        buf: &'a [u8],
+        inspect: impl Fn(u8) -> bool,
+        mut on: impl FnMut(usize, Walk<'a>) -> ControlFlow<()>,
+    ) -> Result<(usize, bool), ProtocolError> {
         let mut pos = self.pass_remaining.min(buf.len());
         self.pass_remaining -= pos;
         if self.pass_remaining > 0 {
@@ -116,12 +127,12 @@ impl FrameWalker {
                     break;
                 }
                 let body = &buf[pos + HEADER_LEN..pos + total];
-                if on(Walk::Inspect(Message { tag, body })).is_break() {
+                if on(pos, Walk::Inspect(Message { tag, body })).is_break() {
                     return Ok((pos, true));
                 }
                 pos += total;
             } else {
-                if on(Walk::Pass { tag, len }).is_break() {
+                if on(pos, Walk::Pass { tag, len }).is_break() {
                     return Ok((pos, true));
                 }
                 if available < total {

@@ -61,6 +61,57 @@ pub fn parse_password(mut body: &[u8]) -> Result<&str, ProtocolError> {
     Ok(password)
 }
 
+/// The portal and statement names of a Bind body, and the offset of what follows them.
+pub fn parse_bind_names(body: &[u8]) -> Result<(&str, &str, usize), ProtocolError> {
+    let mut rest = body;
+    let portal = read_cstr(&mut rest)?;
+    let statement = read_cstr(&mut rest)?;
+    Ok((portal, statement, body.len() - rest.len()))
+}
+
+/// The kind (`S` statement or `P` portal) and name of a Describe or Close body.
+pub fn parse_target(body: &[u8]) -> Result<(u8, &str), ProtocolError> {
+    let (&kind, mut rest) = body
+        .split_first()
+        .ok_or(ProtocolError::Malformed("describe or close"))?;
+    if kind != b'S' && kind != b'P' {
+        return Err(ProtocolError::Malformed("describe or close kind"));
+    }
+    let name = read_cstr(&mut rest)?;
+    Ok((kind, name))
+}
+
+/// A Parse message for statement `name` whose body after the name is `rest` (query text,
+/// parameter types), as read from a client's Parse.
+pub fn parse(out: &mut BytesMut, name: &str, rest: &[u8]) {
+    write_message(out, PARSE, |b| {
+        b.extend_from_slice(name.as_bytes());
+        b.put_u8(0);
+        b.extend_from_slice(rest);
+    });
+}
+
+/// A Bind of `portal` to `statement`, followed by `rest` (formats, parameters, result
+/// formats) as read from a client's Bind.
+pub fn bind(out: &mut BytesMut, portal: &str, statement: &str, rest: &[u8]) {
+    write_message(out, BIND, |b| {
+        b.extend_from_slice(portal.as_bytes());
+        b.put_u8(0);
+        b.extend_from_slice(statement.as_bytes());
+        b.put_u8(0);
+        b.extend_from_slice(rest);
+    });
+}
+
+/// A Describe (`tag` = [`DESCRIBE`]) or Close (`tag` = [`CLOSE`]) of `kind` `name`.
+pub fn target_message(out: &mut BytesMut, tag: u8, kind: u8, name: &str) {
+    write_message(out, tag, |b| {
+        b.put_u8(kind);
+        b.extend_from_slice(name.as_bytes());
+        b.put_u8(0);
+    });
+}
+
 pub fn query(out: &mut BytesMut, sql: &str) {
     write_message(out, QUERY, |b| {
         b.extend_from_slice(sql.as_bytes());
@@ -99,6 +150,30 @@ mod tests {
         assert_eq!(parse_password(b"pw\0"), Ok("pw"));
         assert!(parse_password(b"pw\0extra").is_err());
         assert!(parse_query(b"no terminator").is_err());
+    }
+
+    #[test]
+    fn extended_protocol_names_round_trip_through_parsers_and_builders() {
+        let mut out = BytesMut::new();
+        bind(&mut out, "", "pgw_1", &[0, 0, 0, 0, 0, 0]);
+        let (_, body) = crate::frame::take_message(&mut out, 1024)
+            .expect("valid")
+            .expect("whole");
+        let (portal, statement, rest) = parse_bind_names(&body).expect("names");
+        assert_eq!(
+            (portal, statement, &body[rest..]),
+            ("", "pgw_1", &[0u8, 0, 0, 0, 0, 0][..])
+        );
+        target_message(&mut out, CLOSE, b'S', "s1");
+        let (tag, body) = crate::frame::take_message(&mut out, 1024)
+            .expect("valid")
+            .expect("whole");
+        assert_eq!(tag, CLOSE);
+        assert_eq!(parse_target(&body), Ok((b'S', "s1")));
+        assert!(parse_target(b"Xname\0").is_err());
+        assert!(parse_bind_names(b"portal\0stmt").is_err());
+        parse(&mut out, "n", b"select 1\0\0\0");
+        assert_eq!(&out[..], b"P\0\0\0\x11n\0select 1\0\0\0");
     }
 
     #[test]

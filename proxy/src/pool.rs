@@ -196,6 +196,8 @@ impl Target {
 }
 
 /// The outcome of looking at a pool under its lock.
+// Lives for one borrow and is moved once: boxing the connection would cost more than it saves.
+#[allow(clippy::large_enum_variant)]
 enum Step {
     Ready(BackendConn),
     Create(Slot),
@@ -203,6 +205,7 @@ enum Step {
 }
 
 /// A connection, or the right to open one, handed to a waiting client.
+#[allow(clippy::large_enum_variant)]
 enum Grant {
     Conn(BackendConn),
     Slot(Slot),
@@ -530,6 +533,7 @@ impl Pool {
             return;
         }
         conn.idle_since = now;
+        conn.forget_traffic();
         let mut st = lock(&self.state);
         let Some(Grant::Conn(mut conn)) = hand_off(&mut st, Grant::Conn(conn)) else {
             return;

@@ -30,6 +30,12 @@ pub struct BackendConn {
     pub idle_since: Instant,
     /// Read buffer kept with the connection so a busy backend does not allocate per borrow.
     pub read_buf: BytesMut,
+    /// Bytes on their way to this backend, and from it to the client it serves; kept with
+    /// the backend (not the client) so idle clients hold no buffers.
+    pub to_backend: BytesMut,
+    pub to_client: BytesMut,
+    /// Named statements prepared on this backend (transaction mode).
+    pub statements: crate::session::statements::BackendStatements,
     /// The pool slot; dropping the connection frees it.
     _slot: Slot,
     /// A share of the target's `max_backend_connections`.
@@ -68,6 +74,9 @@ impl BackendConn {
             expires_at,
             idle_since: Instant::now(),
             read_buf,
+            to_backend: BytesMut::new(),
+            to_client: BytesMut::new(),
+            statements: Default::default(),
             _slot: slot,
             _capacity: capacity,
             idle: false,
@@ -101,6 +110,21 @@ impl BackendConn {
         match self.stream.try_read(&mut probe) {
             Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
             Ok(_) => true,
+        }
+    }
+
+    /// Drops bytes left over from the last client (never meant for the next one) and
+    /// gives back buffer memory a large result made grow.
+    pub fn forget_traffic(&mut self) {
+        for buf in [
+            &mut self.to_backend,
+            &mut self.to_client,
+            &mut self.read_buf,
+        ] {
+            buf.clear();
+            if buf.capacity() > 1 << 20 {
+                *buf = BytesMut::new();
+            }
         }
     }
 

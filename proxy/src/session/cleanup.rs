@@ -43,7 +43,13 @@ pub async fn release_after_client(s: &Session, mut backend: BackendConn, tx: TxS
     )
     .await
     {
-        Ok(Ok(())) => s.pool.checkin(backend),
+        Ok(Ok(())) => {
+            if reset.is_some() {
+                // DISCARD ALL (the default reset) deallocated every statement.
+                backend.statements.clear();
+            }
+            s.pool.checkin(backend)
+        }
         Ok(Err(e)) => {
             debug!(error = %e, "backend reset failed");
             s.pool.discard(backend, "reset_failed");

@@ -13,7 +13,10 @@
 mod authenticate;
 mod cleanup;
 mod handshake;
+mod messages;
+pub mod plan;
 mod relay;
+pub mod statements;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,6 +55,12 @@ pub struct Session {
     pub client_walker: FrameWalker,
     /// `pgwarden_query_requests_total` for this target, resolved once.
     pub queries: IntCounter,
+    /// The client's named prepared statements (transaction mode).
+    pub statements: statements::ClientStatements,
+    /// Answers owed to the client for messages in flight.
+    pub plan: plan::Plan,
+    /// Message boundaries found in the current read, reused between reads.
+    pub scan: Vec<relay::Boundary>,
 }
 
 impl Session {
@@ -305,6 +314,9 @@ async fn start_session(
             pinned: None,
             client_walker: FrameWalker::new(),
             queries,
+            statements: Default::default(),
+            plan: Default::default(),
+            scan: Vec::new(),
             target,
         },
         held,

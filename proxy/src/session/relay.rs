@@ -7,14 +7,13 @@
 //! a proxy-made deadlock: the backend side is always read while the client side waits.
 
 use std::future::{poll_fn, Future};
-use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::task::Poll;
 use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
-use pgwarden_protocol::backend::{self, ErrorFields, ErrorReport};
-use pgwarden_protocol::frame::{FrameWalker, Walk};
+use pgwarden_protocol::backend::{self, ErrorReport};
+use pgwarden_protocol::frame::FrameWalker;
 use pgwarden_protocol::frontend;
 use pgwarden_protocol::{sqlstate, ProtocolError};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -22,46 +21,18 @@ use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 use tracing::debug;
 
+use super::messages::{process_backend, process_client, BackendSide};
+pub use super::messages::{Boundary, TxState};
 use super::{cleanup, Failure, Session};
 use crate::backend::BackendConn;
-use crate::pinning::{classify_parse, classify_sql, PinReason};
 
 /// Reads are made in pieces of at least this much spare room.
 const READ_CHUNK: usize = 16 * 1024;
 /// A client buffer above this size stops being read while waiting for a backend.
 const MAX_WAITING_BUFFER: usize = 1 << 20;
 
-/// What the backend is doing for the client, derived from the messages seen.
-#[derive(Debug, Clone, Copy)]
-pub struct TxState {
-    /// Query/Sync/FunctionCall messages forwarded and not yet answered by ReadyForQuery.
-    pub pending: usize,
-    /// Extended-protocol messages forwarded since the last Sync.
-    pub unsynced: bool,
-    /// Transaction status of the last ReadyForQuery.
-    pub status: u8,
-    /// The backend is in COPY FROM STDIN, waiting for client data.
-    pub copy_in: bool,
-    /// An ErrorResponse arrived since the last ReadyForQuery.
-    pub error_since_ready: bool,
-    /// The backend sent a FATAL error: it is about to close, so nothing more is sent to it.
-    pub backend_fatal: bool,
-}
-
-impl Default for TxState {
-    fn default() -> Self {
-        Self {
-            pending: 0,
-            unsynced: false,
-            status: backend::IDLE,
-            copy_in: false,
-            error_since_ready: false,
-            backend_fatal: false,
-        }
-    }
-}
-
 /// Why a relay round ended.
+#[derive(Debug)]
 enum End {
     /// The transaction is over and nothing is in flight: the backend may be released.
     Idle,
@@ -74,9 +45,8 @@ enum End {
     /// The client sent bytes that are not protocol.
     ClientProtocol(ProtocolError),
     /// The backend's socket closed or failed, it sent a FATAL error, or it sent invalid
-    /// protocol. `unsent` leading bytes of the client buffer were walked (and counted as
-    /// requests) but never reached it.
-    BackendGone { unsent: usize },
+    /// protocol. Requests it never answered are reported to the client as failed.
+    BackendGone,
 }
 
 /// Serves the client until it leaves. `held` is a backend the session already has (session
@@ -113,6 +83,9 @@ pub async fn serve(
         let mut tx = TxState::default();
         let end = relay(stream, &mut cbuf, &mut backend, s, &mut tx).await;
         s.cancel.detach();
+        if !matches!(end, End::Idle) {
+            debug!(end = ?end, tx = ?tx, "relay round ended");
+        }
         match end {
             End::Idle => s.pool.checkin(backend),
             End::Shutdown => {
@@ -137,12 +110,12 @@ pub async fn serve(
                 cleanup::release_after_client(s, backend, tx).await;
                 return;
             }
-            End::BackendGone { unsent } => {
+            End::BackendGone => {
+                s.plan.clear();
                 s.pool.discard(backend, "lost");
-                // Requests that never reached the backend are answered with errors below;
-                // bytes not yet walked go to the next backend. Postgres ignores stray COPY
-                // data, so a COPY the client was feeding fails cleanly.
-                cbuf.advance(unsent);
+                // Requests that never got an answer are answered with errors below; bytes
+                // not yet processed go to the next backend. Postgres ignores stray COPY data,
+                // so a COPY the client was feeding fails cleanly.
                 if report_lost_backend(stream, &tx).await.is_err() {
                     return;
                 }
@@ -233,9 +206,18 @@ enum Event {
     FromClient(std::io::Result<usize>),
     ToBackend(std::io::Result<usize>),
     FromBackend(std::io::Result<usize>),
+    ToClient(std::io::Result<usize>),
     /// Shutdown began; noticed once.
     Shutdown,
-    ToClient(std::io::Result<usize>),
+}
+
+/// Outgoing bytes above this stop reading from the other side (backpressure).
+const HIGH_WATER: usize = 128 * 1024;
+
+fn reserve(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
 }
 
 async fn relay(
@@ -248,10 +230,12 @@ async fn relay(
     let (mut client_rd, mut client_wr) = stream.split();
     let (mut backend_rd, mut backend_wr) = backend.stream.split();
     let bbuf = &mut backend.read_buf;
+    let mut side = BackendSide {
+        statements: &mut backend.statements,
+        to_backend: &mut backend.to_backend,
+        to_client: &mut backend.to_client,
+    };
     let mut backend_walker = FrameWalker::new();
-    // Leading bytes of each buffer that are walked and ready to be written out.
-    let mut c_ready = 0;
-    let mut b_ready = 0;
     let mut terminating = false;
     // Session-mode and pinned clients wait here between transactions, so shutdown must be
     // noticed here too, not only while waiting without a backend.
@@ -260,78 +244,77 @@ async fn relay(
     tokio::pin!(shutdown_signal);
     let mut shutdown_seen = false;
     loop {
-        if !terminating && !tx.backend_fatal {
-            match walk_client(s, tx, &cbuf[c_ready..]) {
+        if !terminating && !tx.backend_fatal && side.to_backend.len() < HIGH_WATER {
+            match process_client(s, tx, &mut side, cbuf) {
                 Ok((n, stopped)) => {
-                    c_ready += n;
+                    cbuf.advance(n);
                     terminating = stopped;
                 }
                 Err(e) => return End::ClientProtocol(e),
             }
         }
-        match walk_backend(&mut backend_walker, tx, &bbuf[b_ready..]) {
-            Ok(n) => b_ready += n,
-            Err(e) => {
-                debug!(error = %e, "backend sent invalid protocol");
-                return End::BackendGone { unsent: c_ready };
+        if side.to_client.len() < HIGH_WATER {
+            match process_backend(s, tx, &mut backend_walker, &mut side, bbuf) {
+                Ok(n) => bbuf.advance(n),
+                Err(e) => {
+                    debug!(error = %e, "backend sent invalid protocol");
+                    return End::BackendGone;
+                }
             }
         }
-        if tx.backend_fatal && b_ready == 0 {
+        if tx.backend_fatal && side.to_client.is_empty() {
             // The FATAL error has reached the client; whatever the client sends next goes
             // to another backend instead of this dying one.
-            return End::BackendGone { unsent: c_ready };
+            return End::BackendGone;
         }
-        let quiet =
-            bbuf.is_empty() && backend_walker.at_boundary() && s.client_walker.at_boundary();
-        if terminating && c_ready == 0 && quiet {
+        let quiet = bbuf.is_empty()
+            && side.to_client.is_empty()
+            && side.to_backend.is_empty()
+            && backend_walker.at_boundary()
+            && s.client_walker.at_boundary();
+        if terminating && quiet {
             return End::ClientTerminated;
         }
+        let between_transactions = cbuf.is_empty()
+            && quiet
+            && tx.pending == 0
+            && !tx.unsynced
+            && tx.status == backend::IDLE
+            && s.plan.is_empty();
         // Session mode and pinned clients keep their backend: for them the relay only ends
-        // when one side goes away.
-        if s.releases_per_transaction()
-            && cbuf.is_empty()
-            && quiet
-            && tx.pending == 0
-            && !tx.unsynced
-            && tx.status == backend::IDLE
-        {
-            return End::Idle;
+        // when one side goes away (or at shutdown).
+        if between_transactions && (s.releases_per_transaction() || shutdown_seen) {
+            return if shutdown_seen {
+                End::Shutdown
+            } else {
+                End::Idle
+            };
         }
 
-        if shutdown_seen
-            && cbuf.is_empty()
-            && quiet
-            && tx.pending == 0
-            && !tx.unsynced
-            && tx.status == backend::IDLE
-        {
-            return End::Shutdown;
-        }
-
-        let backend_fatal = tx.backend_fatal;
+        let read_client = !terminating
+            && !tx.backend_fatal
+            && side.to_backend.len() < HIGH_WATER
+            && cbuf.len() < MAX_WAITING_BUFFER;
+        let read_backend = side.to_client.len() < HIGH_WATER && bbuf.len() < MAX_WAITING_BUFFER;
         let event = poll_fn(|cx| {
-            if backend_fatal {
-                // Neither read from the client nor write to the dying backend.
-            } else if c_ready > 0 {
-                if let Poll::Ready(r) = Pin::new(&mut backend_wr).poll_write(cx, &cbuf[..c_ready]) {
+            if !side.to_backend.is_empty() && !tx.backend_fatal {
+                if let Poll::Ready(r) = Pin::new(&mut backend_wr).poll_write(cx, side.to_backend) {
                     return Poll::Ready(Event::ToBackend(r));
                 }
-            } else if !terminating {
-                if cbuf.capacity() - cbuf.len() < READ_CHUNK / 4 {
-                    cbuf.reserve(READ_CHUNK);
-                }
+            }
+            if read_client {
+                reserve(cbuf);
                 if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut client_rd), cx, cbuf) {
                     return Poll::Ready(Event::FromClient(r));
                 }
             }
-            if b_ready > 0 {
-                if let Poll::Ready(r) = Pin::new(&mut client_wr).poll_write(cx, &bbuf[..b_ready]) {
+            if !side.to_client.is_empty() {
+                if let Poll::Ready(r) = Pin::new(&mut client_wr).poll_write(cx, side.to_client) {
                     return Poll::Ready(Event::ToClient(r));
                 }
-            } else {
-                if bbuf.capacity() - bbuf.len() < READ_CHUNK / 4 {
-                    bbuf.reserve(READ_CHUNK);
-                }
+            }
+            if read_backend {
+                reserve(bbuf);
                 if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut backend_rd), cx, bbuf) {
                     return Poll::Ready(Event::FromBackend(r));
                 }
@@ -348,132 +331,13 @@ async fn relay(
                 return End::ClientGone
             }
             Event::FromBackend(Ok(0) | Err(_)) | Event::ToBackend(Ok(0) | Err(_)) => {
-                return End::BackendGone { unsent: c_ready }
+                return End::BackendGone
             }
             Event::FromClient(Ok(_)) | Event::FromBackend(Ok(_)) => {}
             Event::Shutdown => shutdown_seen = true,
-            Event::ToBackend(Ok(n)) => {
-                cbuf.advance(n);
-                c_ready -= n;
-            }
-            Event::ToClient(Ok(n)) => {
-                bbuf.advance(n);
-                b_ready -= n;
-            }
+            Event::ToBackend(Ok(n)) => side.to_backend.advance(n),
+            Event::ToClient(Ok(n)) => side.to_client.advance(n),
         }
-    }
-}
-
-/// Walks new client bytes: counts requests, spots Terminate and state that pins.
-fn walk_client(
-    s: &mut Session,
-    tx: &mut TxState,
-    bytes: &[u8],
-) -> Result<(usize, bool), ProtocolError> {
-    let watch_pins = s.releases_per_transaction();
-    let mut pin = None;
-    let mut walker = std::mem::take(&mut s.client_walker);
-    let result = walker.walk(
-        bytes,
-        |tag| {
-            tag == frontend::TERMINATE
-                || (watch_pins && (tag == frontend::QUERY || tag == frontend::PARSE))
-        },
-        |w| {
-            let tag = match w {
-                Walk::Inspect(m) => m.tag,
-                Walk::Pass { tag, .. } => tag,
-            };
-            match tag {
-                frontend::TERMINATE => return ControlFlow::Break(()),
-                frontend::SYNC => {
-                    tx.pending += 1;
-                    tx.unsynced = false;
-                    s.queries.inc();
-                }
-                frontend::QUERY | frontend::FUNCTION_CALL => {
-                    tx.pending += 1;
-                    s.queries.inc();
-                }
-                frontend::COPY_DATA => {}
-                frontend::COPY_DONE | frontend::COPY_FAIL => tx.copy_in = false,
-                _ => tx.unsynced = true,
-            }
-            if watch_pins && pin.is_none() {
-                pin = match w {
-                    Walk::Inspect(m) if m.tag == frontend::QUERY => frontend::parse_query(m.body)
-                        .map_or(Some(PinReason::Uninspected), classify_sql),
-                    Walk::Inspect(m) if m.tag == frontend::PARSE => parse_pin(m.body),
-                    Walk::Pass {
-                        tag: frontend::QUERY | frontend::PARSE,
-                        ..
-                    } => Some(PinReason::Uninspected),
-                    _ => None,
-                };
-            }
-            ControlFlow::Continue(())
-        },
-    );
-    s.client_walker = walker;
-    if let Some(reason) = pin {
-        s.pin(reason);
-    }
-    result
-}
-
-fn parse_pin(mut body: &[u8]) -> Option<PinReason> {
-    let Ok(name) = pgwarden_protocol::frame::read_cstr(&mut body) else {
-        return Some(PinReason::Uninspected);
-    };
-    classify_parse(name).or_else(|| {
-        pgwarden_protocol::frame::read_cstr(&mut body)
-            .map_or(Some(PinReason::Uninspected), classify_sql)
-    })
-}
-
-/// Walks new backend bytes: ReadyForQuery ends requests, errors and COPY change the state.
-fn walk_backend(
-    walker: &mut FrameWalker,
-    tx: &mut TxState,
-    bytes: &[u8],
-) -> Result<usize, ProtocolError> {
-    let mut bad = None;
-    let (n, _) = walker.walk(
-        bytes,
-        |tag| matches!(tag, backend::READY_FOR_QUERY | backend::ERROR_RESPONSE),
-        |w| {
-            match w {
-                Walk::Inspect(m) if m.tag == backend::READY_FOR_QUERY => {
-                    match backend::parse_ready_for_query(m.body) {
-                        Ok(status) => tx.status = status,
-                        Err(e) => bad = Some(e),
-                    }
-                    tx.pending = tx.pending.saturating_sub(1);
-                    tx.copy_in = false;
-                    tx.error_since_ready = false;
-                }
-                Walk::Inspect(m) => {
-                    tx.error_since_ready = true;
-                    tx.copy_in = false;
-                    if let Ok(fields) = ErrorFields::parse(m.body) {
-                        if fields.is_fatal() {
-                            tx.backend_fatal = true;
-                            debug!(code = %fields.code, "backend reported a fatal error");
-                        }
-                    }
-                }
-                // CopyInResponse / CopyBothResponse: the backend now waits for client data.
-                Walk::Pass {
-                    tag: b'G' | b'W', ..
-                } => tx.copy_in = true,
-                Walk::Pass { .. } => {}
-            }
-            ControlFlow::Continue(())
-        },
-    )?;
-    match bad {
-        Some(e) => Err(e),
-        None => Ok(n),
     }
 }
 

@@ -1,0 +1,465 @@
+//! What the relay does with each message, in both directions.
+//!
+//! Client → backend: count requests, spot Terminate and pinning state, map named prepared
+//! statements to backend-wide names (injecting a Parse where the backend lacks one, and
+//! answering Parse/Close itself where the backend already has or shares it).
+//! Backend → client: follow ReadyForQuery, errors and COPY, hide the answers to injected
+//! messages and put pgwarden's own answers in their place in the stream.
+//!
+//! Bytes are copied from the read buffer into the outgoing buffer message by message;
+//! DataRow, CopyData and other bodies the proxy never looks at are copied as they arrive,
+//! even when a message spans many reads.
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use pgwarden_protocol::backend::{self, ErrorFields};
+use pgwarden_protocol::frame::{FrameWalker, Walk, HEADER_LEN};
+use pgwarden_protocol::{frontend, ProtocolError};
+use tracing::debug;
+
+use super::plan::{Event, Expect, Reply};
+use super::statements::{BackendStatements, Prepared, Readiness};
+use super::Session;
+use crate::config::PoolMode;
+use crate::pinning::{classify_sql, PinReason};
+
+/// What the backend is doing for the client, derived from the messages seen.
+#[derive(Debug, Clone, Copy)]
+pub struct TxState {
+    /// Query/Sync/FunctionCall messages forwarded and not yet answered by ReadyForQuery.
+    pub pending: usize,
+    /// Extended-protocol messages forwarded since the last Sync.
+    pub unsynced: bool,
+    /// Transaction status of the last ReadyForQuery.
+    pub status: u8,
+    /// The backend is in COPY FROM STDIN, waiting for client data.
+    pub copy_in: bool,
+    /// An ErrorResponse arrived since the last ReadyForQuery.
+    pub error_since_ready: bool,
+    /// The backend sent a FATAL error: it is about to close, so nothing more is sent to it.
+    pub backend_fatal: bool,
+}
+
+impl Default for TxState {
+    fn default() -> Self {
+        Self {
+            pending: 0,
+            unsynced: false,
+            status: backend::IDLE,
+            copy_in: false,
+            error_since_ready: false,
+            backend_fatal: false,
+        }
+    }
+}
+
+/// Where a message starts in a read buffer, and whether its whole body is there.
+#[derive(Debug, Clone, Copy)]
+pub struct Boundary {
+    at: usize,
+    tag: u8,
+    /// Length field value (body plus the four length bytes).
+    len: usize,
+    whole: bool,
+}
+
+impl Boundary {
+    fn end(&self) -> usize {
+        self.at + 1 + self.len
+    }
+
+    fn body<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+        &buf[self.at + HEADER_LEN..self.end()]
+    }
+}
+
+/// The backend side of a relay round, borrowed from the connection.
+pub struct BackendSide<'a> {
+    pub statements: &'a mut BackendStatements,
+    pub to_backend: &'a mut BytesMut,
+    pub to_client: &'a mut BytesMut,
+}
+
+fn client_inspects(tag: u8) -> bool {
+    matches!(
+        tag,
+        frontend::TERMINATE
+            | frontend::QUERY
+            | frontend::PARSE
+            | frontend::BIND
+            | frontend::DESCRIBE
+            | frontend::CLOSE
+    )
+}
+
+fn backend_inspects(tag: u8) -> bool {
+    matches!(
+        tag,
+        backend::READY_FOR_QUERY
+            | backend::ERROR_RESPONSE
+            | backend::PARSE_COMPLETE
+            | backend::CLOSE_COMPLETE
+    )
+}
+
+/// Processes newly read client bytes into `side.to_backend`. Returns how many bytes were
+/// consumed and whether the client sent Terminate (which stays unconsumed).
+pub fn process_client(
+    s: &mut Session,
+    tx: &mut TxState,
+    side: &mut BackendSide<'_>,
+    input: &[u8],
+) -> Result<(usize, bool), ProtocolError> {
+    let mut scan = std::mem::take(&mut s.scan);
+    scan.clear();
+    let (consumed, stopped) = s.client_walker.walk_at(input, client_inspects, |at, w| {
+        let (tag, len, whole) = match w {
+            Walk::Inspect(m) if m.tag == frontend::TERMINATE => return ControlFlow::Break(()),
+            Walk::Inspect(m) => (m.tag, m.body.len() + 4, true),
+            Walk::Pass { tag, len } => (tag, len, false),
+        };
+        scan.push(Boundary {
+            at,
+            tag,
+            len,
+            whole,
+        });
+        ControlFlow::Continue(())
+    })?;
+    let mut copied = 0;
+    for b in &scan {
+        side.to_backend.extend_from_slice(&input[copied..b.at]);
+        copied = b.at;
+        if b.tag == frontend::SYNC && tx.copy_in {
+            // Postgres ignores Sync during COPY FROM STDIN: no answer will come for it.
+            continue;
+        }
+        count_request(s, tx, b.tag);
+        tracing::trace!(tag = %(b.tag as char), "client message");
+        let body = b.whole.then(|| b.body(input));
+        if on_client_message(s, side, b.tag, body)? {
+            copied = b.end();
+        }
+    }
+    side.to_backend.extend_from_slice(&input[copied..consumed]);
+    s.scan = scan;
+    s.plan.flush_synthetic(side.to_client);
+    Ok((consumed, stopped))
+}
+
+fn count_request(s: &mut Session, tx: &mut TxState, tag: u8) {
+    match tag {
+        frontend::SYNC => {
+            tx.pending += 1;
+            tx.unsynced = false;
+            s.queries.inc();
+        }
+        frontend::QUERY | frontend::FUNCTION_CALL => {
+            tx.pending += 1;
+            s.queries.inc();
+        }
+        frontend::COPY_DATA => {}
+        frontend::COPY_DONE | frontend::COPY_FAIL => tx.copy_in = false,
+        _ => tx.unsynced = true,
+    }
+}
+
+/// Plans the answer to one client message and, when it must be rewritten or answered by
+/// pgwarden, writes its replacement. Returns true when the original bytes must not be
+/// copied to the backend.
+fn on_client_message(
+    s: &mut Session,
+    side: &mut BackendSide<'_>,
+    tag: u8,
+    body: Option<&[u8]>,
+) -> Result<bool, ProtocolError> {
+    let map = s.mode == PoolMode::Transaction;
+    let watch_pins = s.releases_per_transaction();
+    match (tag, body) {
+        (frontend::QUERY, Some(body)) => {
+            let sql = frontend::parse_query(body)?;
+            if watch_pins {
+                if let Some(reason) = classify_sql(sql) {
+                    s.pin(reason);
+                }
+            }
+            forget_statements_dropped_by(sql, side.statements);
+            s.plan.push(Expect::Query);
+            Ok(false)
+        }
+        (frontend::PARSE, Some(body)) => {
+            let name = frontend::parse_statement_name(body)?;
+            let rest = &body[name.len() + 1..];
+            if watch_pins {
+                let query = frontend::parse_query(rest).unwrap_or_default();
+                if let Some(reason) = classify_sql(query) {
+                    s.pin(reason);
+                }
+            }
+            if !map || name.is_empty() {
+                s.plan.push(Expect::Parse {
+                    name: Arc::from(""),
+                    client_name: None,
+                    reply: Reply::Forward,
+                });
+                return Ok(false);
+            }
+            let prepared = Arc::new(Prepared::from_parse_rest(rest));
+            if !s.statements.insert(name, prepared.clone()) {
+                return Err(ProtocolError::Malformed(
+                    "too many prepared statements for one client",
+                ));
+            }
+            if side.statements.readiness(&prepared.name) == Readiness::Ready {
+                side.statements.touch(&prepared.name);
+                s.plan.push(Expect::Parse {
+                    name: prepared.name.clone(),
+                    client_name: Some(name.to_owned()),
+                    reply: Reply::Synthesize,
+                });
+            } else {
+                prepare_on_backend(s, side, &prepared, Some(name), Reply::Forward);
+            }
+            Ok(true)
+        }
+        (frontend::BIND, Some(body)) => {
+            let (portal, statement, rest) = frontend::parse_bind_names(body)?;
+            match mapped(s, map, statement) {
+                Some(prepared) => {
+                    ensure_prepared(s, side, &prepared);
+                    frontend::bind(side.to_backend, portal, &prepared.name, &body[rest..]);
+                    s.plan.push(Expect::Bind {
+                        statement: Some(prepared.name.clone()),
+                    });
+                    Ok(true)
+                }
+                None => {
+                    s.plan.push(Expect::Bind { statement: None });
+                    Ok(false)
+                }
+            }
+        }
+        (frontend::DESCRIBE, Some(body)) => {
+            let (kind, name) = frontend::parse_target(body)?;
+            let prepared = mapped(s, map && kind == b'S', name);
+            if let Some(prepared) = &prepared {
+                ensure_prepared(s, side, prepared);
+                frontend::target_message(side.to_backend, frontend::DESCRIBE, b'S', &prepared.name);
+            }
+            s.plan.push(Expect::Describe);
+            Ok(prepared.is_some())
+        }
+        (frontend::CLOSE, Some(body)) => {
+            let (kind, name) = frontend::parse_target(body)?;
+            if map && kind == b'S' && !name.is_empty() && s.statements.remove(name).is_some() {
+                // Other clients may share the backend statement: only the mapping goes.
+                s.plan.push(Expect::Close {
+                    reply: Reply::Synthesize,
+                });
+                return Ok(true);
+            }
+            s.plan.push(Expect::Close {
+                reply: Reply::Forward,
+            });
+            Ok(false)
+        }
+        // Too large to look inside: relayed as is.
+        (frontend::QUERY | frontend::PARSE, None) => {
+            if watch_pins {
+                s.pin(PinReason::Uninspected);
+            }
+            s.plan.push(if tag == frontend::QUERY {
+                Expect::Query
+            } else {
+                Expect::Parse {
+                    name: Arc::from(""),
+                    client_name: None,
+                    reply: Reply::Forward,
+                }
+            });
+            Ok(false)
+        }
+        (frontend::BIND, None) => {
+            s.plan.push(Expect::Bind { statement: None });
+            Ok(false)
+        }
+        (frontend::DESCRIBE, None) => {
+            s.plan.push(Expect::Describe);
+            Ok(false)
+        }
+        (frontend::CLOSE, None) => {
+            s.plan.push(Expect::Close {
+                reply: Reply::Forward,
+            });
+            Ok(false)
+        }
+        (frontend::EXECUTE, _) => {
+            s.plan.push(Expect::Execute);
+            Ok(false)
+        }
+        (frontend::SYNC, _) => {
+            s.plan.push(Expect::Sync);
+            Ok(false)
+        }
+        (frontend::FUNCTION_CALL, _) => {
+            s.plan.push(Expect::Query);
+            Ok(false)
+        }
+        (frontend::COPY_DONE | frontend::COPY_FAIL, _) => {
+            s.plan.push(Expect::CopyEnd);
+            Ok(false)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// The client's mapped statement `name`, if mapping applies.
+fn mapped(s: &Session, map: bool, name: &str) -> Option<Arc<Prepared>> {
+    if !map || name.is_empty() {
+        return None;
+    }
+    s.statements.get(name).cloned()
+}
+
+/// Makes sure the backend has `prepared` before the message about to be written uses it.
+fn ensure_prepared(s: &mut Session, side: &mut BackendSide<'_>, prepared: &Arc<Prepared>) {
+    if side.statements.readiness(&prepared.name) == Readiness::Ready {
+        side.statements.touch(&prepared.name);
+    } else {
+        prepare_on_backend(s, side, prepared, None, Reply::Swallow);
+    }
+}
+
+/// Writes Close + Parse for `prepared` (the Close makes a stale or unknown copy harmless and
+/// is never shown to the client), and first closes the least recently used statement if
+/// the backend is at capacity.
+fn prepare_on_backend(
+    s: &mut Session,
+    side: &mut BackendSide<'_>,
+    prepared: &Arc<Prepared>,
+    client_name: Option<&str>,
+    reply: Reply,
+) {
+    let mut close = |name: &str, s: &mut Session| {
+        frontend::target_message(side.to_backend, frontend::CLOSE, b'S', name);
+        s.plan.push(Expect::Close {
+            reply: Reply::Swallow,
+        });
+    };
+    if let Some(evicted) = side.statements.insert(prepared.name.clone()) {
+        close(&evicted, s);
+    }
+    close(&prepared.name, s);
+    side.to_backend.extend_from_slice(&prepared.parse);
+    s.plan.push(Expect::Parse {
+        name: prepared.name.clone(),
+        client_name: client_name.map(str::to_owned),
+        reply,
+    });
+}
+
+/// SQL that deallocates prepared statements on the backend (`DEALLOCATE`, `DISCARD ALL`,
+/// `DISCARD PLANS`) makes pgwarden forget what it knew was prepared there; statements are
+/// prepared again on next use.
+fn forget_statements_dropped_by(sql: &str, statements: &mut BackendStatements) {
+    let lower = sql.to_ascii_lowercase();
+    if lower.contains("deallocate") || lower.contains("discard") {
+        statements.clear();
+    }
+}
+
+/// Processes newly read backend bytes into `side.to_client`; returns how many bytes were
+/// consumed.
+pub fn process_backend(
+    s: &mut Session,
+    tx: &mut TxState,
+    walker: &mut FrameWalker,
+    side: &mut BackendSide<'_>,
+    input: &[u8],
+) -> Result<usize, ProtocolError> {
+    let mut scan = std::mem::take(&mut s.scan);
+    scan.clear();
+    let (consumed, _) = walker.walk_at(input, backend_inspects, |at, w| {
+        let (tag, len, whole) = match w {
+            Walk::Inspect(m) => (m.tag, m.body.len() + 4, true),
+            Walk::Pass { tag, len } => (tag, len, false),
+        };
+        scan.push(Boundary {
+            at,
+            tag,
+            len,
+            whole,
+        });
+        ControlFlow::Continue(())
+    })?;
+    let mut events = Vec::new();
+    let mut copied = 0;
+    let mut result = Ok(());
+    for b in &scan {
+        side.to_client.extend_from_slice(&input[copied..b.at]);
+        copied = b.at;
+        let mut error = None;
+        match b.tag {
+            backend::READY_FOR_QUERY if b.whole => {
+                match backend::parse_ready_for_query(b.body(input)) {
+                    Ok(status) => tx.status = status,
+                    Err(e) => result = Err(e),
+                }
+                tx.pending = tx.pending.saturating_sub(1);
+                tx.copy_in = false;
+                tx.error_since_ready = false;
+            }
+            backend::ERROR_RESPONSE => {
+                tx.error_since_ready = true;
+                tx.copy_in = false;
+                if let Some(fields) = b
+                    .whole
+                    .then(|| ErrorFields::parse(b.body(input)).ok())
+                    .flatten()
+                {
+                    if fields.is_fatal() {
+                        tx.backend_fatal = true;
+                        debug!(code = %fields.code, "backend reported a fatal error");
+                    }
+                    error = Some(fields);
+                }
+            }
+            // CopyInResponse / CopyBothResponse: the backend now waits for client data.
+            b'G' | b'W' => {
+                tx.copy_in = true;
+                tx.pending = tx.pending.saturating_sub(s.plan.on_copy_in());
+            }
+            _ => {}
+        }
+        let error_ref = error
+            .as_ref()
+            .map(|f| (f.code.as_str(), f.message.as_str()));
+        tracing::trace!(tag = %(b.tag as char), plan = ?s.plan, "backend message");
+        if !s
+            .plan
+            .on_backend(b.tag, error_ref, side.to_client, &mut events)
+            && b.whole
+        {
+            copied = b.end();
+        }
+    }
+    side.to_client.extend_from_slice(&input[copied..consumed]);
+    if walker.at_boundary() {
+        s.plan.flush_synthetic(side.to_client);
+    }
+    s.scan = scan;
+    for event in events {
+        match event {
+            Event::NotPrepared { name, client_name } => {
+                side.statements.remove(&name);
+                if let Some(client_name) = client_name {
+                    s.statements.forget_if(&client_name, &name);
+                }
+            }
+            Event::PlanChanged { name } => side.statements.mark_stale(&name),
+        }
+    }
+    result.map(|()| consumed)
+}
