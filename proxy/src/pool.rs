@@ -11,7 +11,7 @@
 //! `open`. Locks are never held across `.await`, and no connection is dropped while a pool
 //! lock is held (its slot's drop takes that lock).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -108,6 +108,7 @@ impl Target {
                     key,
                     state: Mutex::new(PoolState::default()),
                     params: Mutex::new(None),
+                    valid_statements: Mutex::new(HashSet::new()),
                 })
             })
             .clone()
@@ -228,7 +229,13 @@ pub struct Pool {
     state: Mutex<PoolState>,
     /// ParameterStatus values of the first login, sent to clients at startup.
     params: Mutex<Option<ServerParams>>,
+    /// Backend statement names some backend of this pool prepared successfully: a client
+    /// Parse of one of them can be answered without borrowing a backend.
+    valid_statements: Mutex<HashSet<Arc<str>>>,
 }
+
+/// Most statement names a pool remembers as valid.
+const VALID_STATEMENTS_LIMIT: usize = 10_000;
 
 /// Counts one connection (or creation in progress) against its pool's `open`.
 pub struct Slot {
@@ -281,6 +288,21 @@ impl Pool {
             idle: st.idle.len(),
             waiting: st.waiters.iter().filter(|w| !w.is_closed()).count(),
         }
+    }
+
+    pub fn statement_is_valid(&self, name: Arc<str>) {
+        let mut valid = lock(&self.valid_statements);
+        if valid.len() < VALID_STATEMENTS_LIMIT {
+            valid.insert(name);
+        }
+    }
+
+    pub fn statement_is_invalid(&self, name: &str) {
+        lock(&self.valid_statements).remove(name);
+    }
+
+    pub fn is_valid_statement(&self, name: &str) -> bool {
+        lock(&self.valid_statements).contains(name)
     }
 
     /// The cached ParameterStatus values, if a backend of this pool has logged in.

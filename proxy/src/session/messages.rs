@@ -185,9 +185,10 @@ fn on_client_message(
                     s.pin(reason);
                 }
             }
-            forget_statements_dropped_by(sql, side.statements);
             s.plan.push(Expect::Query);
-            Ok(false)
+            let rewritten = map && rewrite_deallocation(s, side, sql);
+            forget_statements_dropped_by(sql, side.statements);
+            Ok(rewritten)
         }
         (frontend::PARSE, Some(body)) => {
             let name = frontend::parse_statement_name(body)?;
@@ -360,6 +361,63 @@ fn prepare_on_backend(
     });
 }
 
+/// Handles a client's `DEALLOCATE`/`DISCARD ALL` of its mapped statements; returns true if
+/// the query was rewritten (written to the backend) rather than relayed as is.
+fn rewrite_deallocation(s: &mut Session, side: &mut BackendSide<'_>, sql: &str) -> bool {
+    match deallocation(sql) {
+        Some(Deallocate::All) => {
+            s.statements.clear();
+            false
+        }
+        Some(Deallocate::One(name)) => match s.statements.remove(&name) {
+            // The backend knows the statement by its shared name. If this backend
+            // never prepared it, DEALLOCATE ALL answers the same way without an error
+            // (only the command tag differs); the backend's statements are prepared
+            // again on next use.
+            Some(prepared) => {
+                let sql = if side.statements.readiness(&prepared.name) == Readiness::Missing {
+                    "DEALLOCATE ALL".to_owned()
+                } else {
+                    format!("DEALLOCATE {}", prepared.name)
+                };
+                frontend::query(side.to_backend, &sql);
+                true
+            }
+            None => false,
+        },
+        None => false,
+    }
+}
+
+/// A client's SQL that deallocates its protocol-level statements.
+#[derive(Debug, PartialEq, Eq)]
+enum Deallocate {
+    /// `DEALLOCATE ALL` or `DISCARD ALL`.
+    All,
+    /// `DEALLOCATE [PREPARE] name`, with the name as Postgres would read it.
+    One(String),
+}
+
+fn deallocation(sql: &str) -> Option<Deallocate> {
+    let statement = sql.trim().trim_end_matches(';').trim();
+    let lower = statement.to_ascii_lowercase();
+    let words: Vec<&str> = lower.split_whitespace().collect();
+    match words.as_slice() {
+        ["discard", "all"] | ["deallocate", "all"] | ["deallocate", "prepare", "all"] => {
+            Some(Deallocate::All)
+        }
+        ["deallocate", "prepare", _] | ["deallocate", _] => {
+            let original = statement.split_whitespace().last()?;
+            let name = match original.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+                Some(quoted) => quoted.replace("\"\"", "\""),
+                None => original.to_ascii_lowercase(),
+            };
+            Some(Deallocate::One(name))
+        }
+        _ => None,
+    }
+}
+
 /// SQL that deallocates prepared statements on the backend (`DEALLOCATE`, `DISCARD ALL`,
 /// `DISCARD PLANS`) makes pgwarden forget what it knew was prepared there; statements are
 /// prepared again on next use.
@@ -452,7 +510,9 @@ pub fn process_backend(
     s.scan = scan;
     for event in events {
         match event {
+            Event::Prepared { name } => s.pool.statement_is_valid(name),
             Event::NotPrepared { name, client_name } => {
+                s.pool.statement_is_invalid(&name);
                 side.statements.remove(&name);
                 if let Some(client_name) = client_name {
                     s.statements.forget_if(&client_name, &name);
@@ -462,4 +522,81 @@ pub fn process_backend(
         }
     }
     result.map(|()| consumed)
+}
+
+/// Answers, with no backend, a client's Parse of statements already known valid in its
+/// pool followed by Sync (what libpq's `PQprepare` sends). A new client preparing its
+/// statements then costs no borrow, and a client that prepares synchronously while its
+/// other connections hold every backend (pgbench `-M prepared`) is not stuck behind them.
+/// Returns the answer, having consumed the messages, or `None` if they need a backend.
+pub fn answer_without_backend(s: &mut Session, cbuf: &mut BytesMut) -> Option<BytesMut> {
+    if !s.releases_per_transaction() {
+        return None;
+    }
+    let mut pos = 0;
+    let mut parses = Vec::new();
+    let end = loop {
+        let header = cbuf.get(pos..pos + HEADER_LEN)?;
+        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        if len < 4 {
+            return None;
+        }
+        let body = cbuf.get(pos + HEADER_LEN..pos + 1 + len)?;
+        match header[0] {
+            frontend::PARSE => {
+                let name = frontend::parse_statement_name(body).ok()?;
+                if name.is_empty() {
+                    return None;
+                }
+                let prepared = Prepared::from_parse_rest(&body[name.len() + 1..]);
+                if !s.pool.is_valid_statement(&prepared.name) {
+                    return None;
+                }
+                parses.push((name.to_owned(), Arc::new(prepared)));
+            }
+            frontend::SYNC if !parses.is_empty() => break pos + 1 + len,
+            _ => return None,
+        }
+        pos += 1 + len;
+    };
+    if s.statements.len() + parses.len() > super::statements::CLIENT_STATEMENT_LIMIT {
+        return None;
+    }
+    let mut answer = BytesMut::with_capacity(5 * parses.len() + 6);
+    for (name, prepared) in parses {
+        s.statements.insert(&name, prepared);
+        backend::parse_complete(&mut answer);
+    }
+    backend::ready_for_query(&mut answer, backend::IDLE);
+    bytes::Buf::advance(cbuf, end);
+    s.queries.inc();
+    Some(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_a_clients_deallocation() {
+        assert_eq!(deallocation("DISCARD ALL;"), Some(Deallocate::All));
+        assert_eq!(
+            deallocation(" deallocate prepare all "),
+            Some(Deallocate::All)
+        );
+        assert_eq!(
+            deallocation("DEALLOCATE _pg3_0"),
+            Some(Deallocate::One("_pg3_0".into()))
+        );
+        assert_eq!(
+            deallocation("deallocate prepare S_1"),
+            Some(Deallocate::One("s_1".into()))
+        );
+        assert_eq!(
+            deallocation("DEALLOCATE \"S_1\""),
+            Some(Deallocate::One("S_1".into()))
+        );
+        assert_eq!(deallocation("select 1"), None);
+        assert_eq!(deallocation("discard plans"), None);
+    }
 }

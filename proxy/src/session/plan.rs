@@ -50,6 +50,8 @@ pub enum Expect {
 /// What the relay must do about statement bookkeeping after a backend message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
+    /// A named statement was prepared successfully on the backend.
+    Prepared { name: Arc<str> },
     /// A Parse failed or was skipped after an earlier error: the backend does not have
     /// `name`, and the client's `client_name` does not exist either.
     NotPrepared {
@@ -154,8 +156,11 @@ impl Plan {
             return true;
         };
         match (tag, head) {
-            (backend::PARSE_COMPLETE, Expect::Parse { reply, .. }) => {
+            (backend::PARSE_COMPLETE, Expect::Parse { reply, name, .. }) => {
                 let forward = *reply != Reply::Swallow;
+                if !name.is_empty() {
+                    events.push(Event::Prepared { name: name.clone() });
+                }
                 self.queue.pop_front();
                 forward
             }

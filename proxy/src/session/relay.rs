@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 use tracing::debug;
 
-use super::messages::{process_backend, process_client, BackendSide};
+use super::messages::{answer_without_backend, process_backend, process_client, BackendSide};
 pub use super::messages::{Boundary, TxState};
 use super::{cleanup, Failure, Session};
 use crate::backend::BackendConn;
@@ -66,6 +66,12 @@ pub async fn serve(
                 }
                 if starts_with_terminate(&cbuf) {
                     return;
+                }
+                if let Some(answer) = answer_without_backend(s, &mut cbuf) {
+                    if stream.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                    continue;
                 }
                 match borrow_watching_client(stream, &mut cbuf, s).await {
                     Some(Ok(backend)) => backend,
