@@ -13,3 +13,4 @@ pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
 pub const QUERY_CANCELED: &str = "57014";
 pub const INTERNAL_ERROR: &str = "XX000";
 pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
+pub const INVALID_PARAMETER_VALUE: &str = "22023";

@@ -25,6 +25,7 @@ use crate::backend::{self, BackendConn, ConnectError};
 use crate::config::TargetConfig;
 use crate::credentials::CredentialStore;
 use crate::metrics::Metrics;
+use crate::session::settings::Signature;
 
 /// ParameterStatus values (name, value) in the order the server sent them.
 pub type ServerParams = Arc<Vec<(String, String)>>;
@@ -109,6 +110,7 @@ impl Target {
                     state: Mutex::new(PoolState::default()),
                     params: Mutex::new(None),
                     valid_statements: Mutex::new(HashSet::new()),
+                    reported: Mutex::new(HashMap::new()),
                 })
             })
             .clone()
@@ -232,7 +234,13 @@ pub struct Pool {
     /// Backend statement names some backend of this pool prepared successfully: a client
     /// Parse of one of them can be answered without borrowing a backend.
     valid_statements: Mutex<HashSet<Arc<str>>>,
+    /// ParameterStatus values reported after applying a set of startup settings, by the
+    /// settings' signature: clients with the same startup parameters need no backend.
+    reported: Mutex<HashMap<Signature, Vec<(String, String)>>>,
 }
+
+/// Most distinct startup-settings sets a pool remembers.
+const REPORTED_LIMIT: usize = 256;
 
 /// Most statement names a pool remembers as valid.
 const VALID_STATEMENTS_LIMIT: usize = 10_000;
@@ -287,6 +295,17 @@ impl Pool {
             open: st.open,
             idle: st.idle.len(),
             waiting: st.waiters.iter().filter(|w| !w.is_closed()).count(),
+        }
+    }
+
+    pub fn reported_for(&self, settings: &Signature) -> Option<Vec<(String, String)>> {
+        lock(&self.reported).get(settings).cloned()
+    }
+
+    pub fn remember_reported(&self, settings: Signature, values: Vec<(String, String)>) {
+        let mut reported = lock(&self.reported);
+        if reported.len() < REPORTED_LIMIT {
+            reported.insert(settings, values);
         }
     }
 

@@ -34,6 +34,8 @@ pub struct BackendConn {
     /// the backend (not the client) so idle clients hold no buffers.
     pub to_backend: BytesMut,
     pub to_client: BytesMut,
+    /// Signature of the session settings applied on this backend.
+    pub settings: crate::session::settings::Signature,
     /// Named statements prepared on this backend (transaction mode).
     pub statements: crate::session::statements::BackendStatements,
     /// The pool slot; dropping the connection frees it.
@@ -77,6 +79,7 @@ impl BackendConn {
             to_backend: BytesMut::new(),
             to_client: BytesMut::new(),
             statements: Default::default(),
+            settings: crate::session::settings::defaults(),
             _slot: slot,
             _capacity: capacity,
             idle: false,

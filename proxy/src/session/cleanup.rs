@@ -45,8 +45,10 @@ pub async fn release_after_client(s: &Session, mut backend: BackendConn, tx: TxS
     {
         Ok(Ok(())) => {
             if reset.is_some() {
-                // DISCARD ALL (the default reset) deallocated every statement.
+                // DISCARD ALL (the default reset) deallocated every statement and reset
+                // every setting.
                 backend.statements.clear();
+                backend.settings = super::settings::defaults();
             }
             s.pool.checkin(backend)
         }

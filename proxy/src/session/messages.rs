@@ -20,6 +20,7 @@ use pgwarden_protocol::{frontend, ProtocolError};
 use tracing::debug;
 
 use super::plan::{Event, Expect, Reply};
+use super::settings::{self, Change, SettingSql, Signature};
 use super::statements::{BackendStatements, Prepared, Readiness};
 use super::Session;
 use crate::config::PoolMode;
@@ -40,6 +41,9 @@ pub struct TxState {
     pub error_since_ready: bool,
     /// The backend sent a FATAL error: it is about to close, so nothing more is sent to it.
     pub backend_fatal: bool,
+    /// The last CommandComplete was COMMIT (a transaction block ending in ReadyForQuery 'I'
+    /// committed).
+    pub last_was_commit: bool,
 }
 
 impl Default for TxState {
@@ -51,6 +55,7 @@ impl Default for TxState {
             copy_in: false,
             error_since_ready: false,
             backend_fatal: false,
+            last_was_commit: false,
         }
     }
 }
@@ -78,6 +83,7 @@ impl Boundary {
 /// The backend side of a relay round, borrowed from the connection.
 pub struct BackendSide<'a> {
     pub statements: &'a mut BackendStatements,
+    pub settings: &'a mut Signature,
     pub to_backend: &'a mut BytesMut,
     pub to_client: &'a mut BytesMut,
 }
@@ -101,6 +107,9 @@ fn backend_inspects(tag: u8) -> bool {
             | backend::ERROR_RESPONSE
             | backend::PARSE_COMPLETE
             | backend::CLOSE_COMPLETE
+            | backend::COMMAND_COMPLETE
+            | backend::PARAMETER_STATUS
+            | backend::NOTICE_RESPONSE
     )
 }
 
@@ -180,12 +189,25 @@ fn on_client_message(
     match (tag, body) {
         (frontend::QUERY, Some(body)) => {
             let sql = frontend::parse_query(body)?;
-            if watch_pins {
+            let change = if !map {
+                None
+            } else if is_discard_all(sql) {
+                Some(Change::ResetAll)
+            } else {
+                match settings::classify(sql) {
+                    SettingSql::Track(change) => Some(change),
+                    SettingSql::None => None,
+                }
+            };
+            if watch_pins && change.is_none() {
                 if let Some(reason) = classify_sql(sql) {
                     s.pin(reason);
                 }
             }
-            s.plan.push(Expect::Query);
+            s.plan.push(Expect::Query {
+                change,
+                failed: false,
+            });
             let rewritten = map && rewrite_deallocation(s, side, sql);
             forget_statements_dropped_by(sql, side.statements);
             Ok(rewritten)
@@ -272,7 +294,10 @@ fn on_client_message(
                 s.pin(PinReason::Uninspected);
             }
             s.plan.push(if tag == frontend::QUERY {
-                Expect::Query
+                Expect::Query {
+                    change: None,
+                    failed: false,
+                }
             } else {
                 Expect::Parse {
                     name: Arc::from(""),
@@ -305,7 +330,10 @@ fn on_client_message(
             Ok(false)
         }
         (frontend::FUNCTION_CALL, _) => {
-            s.plan.push(Expect::Query);
+            s.plan.push(Expect::Query {
+                change: None,
+                failed: false,
+            });
             Ok(false)
         }
         (frontend::COPY_DONE | frontend::COPY_FAIL, _) => {
@@ -389,6 +417,11 @@ fn rewrite_deallocation(s: &mut Session, side: &mut BackendSide<'_>, sql: &str) 
     }
 }
 
+fn is_discard_all(sql: &str) -> bool {
+    let lower = sql.trim().trim_end_matches(';').trim().to_ascii_lowercase();
+    lower.split_whitespace().eq(["discard", "all"])
+}
+
 /// A client's SQL that deallocates its protocol-level statements.
 #[derive(Debug, PartialEq, Eq)]
 enum Deallocate {
@@ -458,16 +491,34 @@ pub fn process_backend(
     for b in &scan {
         side.to_client.extend_from_slice(&input[copied..b.at]);
         copied = b.at;
+        if s.plan.replaying() {
+            // The answer to pgwarden's settings replay: hidden, and not the client's state.
+            s.plan.on_replay_message(b.tag, &mut events);
+            if b.whole {
+                copied = b.end();
+            }
+            apply_events(s, side, &mut events);
+            continue;
+        }
         let mut error = None;
         match b.tag {
             backend::READY_FOR_QUERY if b.whole => {
+                let was_in_block = tx.status != backend::IDLE;
+                let committed = tx.status == backend::IN_TRANSACTION && tx.last_was_commit;
                 match backend::parse_ready_for_query(b.body(input)) {
                     Ok(status) => tx.status = status,
                     Err(e) => result = Err(e),
                 }
+                if was_in_block && tx.status == backend::IDLE && s.settings.has_deferred() {
+                    s.settings.end_transaction(committed);
+                    *side.settings = s.settings.signature();
+                }
                 tx.pending = tx.pending.saturating_sub(1);
                 tx.copy_in = false;
                 tx.error_since_ready = false;
+            }
+            backend::COMMAND_COMPLETE if b.whole => {
+                tx.last_was_commit = b.body(input).starts_with(b"COMMIT");
             }
             backend::ERROR_RESPONSE => {
                 tx.error_since_ready = true;
@@ -494,7 +545,6 @@ pub fn process_backend(
         let error_ref = error
             .as_ref()
             .map(|f| (f.code.as_str(), f.message.as_str()));
-        tracing::trace!(tag = %(b.tag as char), plan = ?s.plan, "backend message");
         if !s
             .plan
             .on_backend(b.tag, error_ref, side.to_client, &mut events)
@@ -502,13 +552,50 @@ pub fn process_backend(
         {
             copied = b.end();
         }
+        if !events.is_empty() {
+            let status = tx.status;
+            apply_settings_events(s, side, &mut events, status);
+            apply_events(s, side, &mut events);
+        }
     }
     side.to_client.extend_from_slice(&input[copied..consumed]);
     if walker.at_boundary() {
         s.plan.flush_synthetic(side.to_client);
     }
     s.scan = scan;
-    for event in events {
+    result.map(|()| consumed)
+}
+
+/// Setting changes that completed: kept (now, or when their transaction commits), and the
+/// backend's signature follows the client's settings it now carries.
+fn apply_settings_events(
+    s: &mut Session,
+    side: &mut BackendSide<'_>,
+    events: &mut Vec<Event>,
+    status: u8,
+) {
+    events.retain(|event| {
+        let Event::SettingDone { change, failed } = event else {
+            return true;
+        };
+        if !*failed {
+            if status == backend::IDLE {
+                if s.settings.apply(change.clone()).is_err() {
+                    *side.settings = settings::UNKNOWN;
+                    return false;
+                }
+            } else {
+                s.settings.defer(change.clone());
+            }
+            *side.settings = s.settings.signature();
+        }
+        false
+    });
+}
+
+/// Statement bookkeeping after backend answers.
+fn apply_events(s: &mut Session, side: &mut BackendSide<'_>, events: &mut Vec<Event>) {
+    for event in events.drain(..) {
         match event {
             Event::Prepared { name } => s.pool.statement_is_valid(name),
             Event::NotPrepared { name, client_name } => {
@@ -519,9 +606,15 @@ pub fn process_backend(
                 }
             }
             Event::PlanChanged { name } => side.statements.mark_stale(&name),
+            Event::ReplayDone { failed } => {
+                if failed {
+                    tracing::warn!("replaying a client's settings failed; the backend's settings are reset on next use");
+                    *side.settings = settings::UNKNOWN;
+                }
+            }
+            Event::SettingDone { .. } => {}
         }
     }
-    result.map(|()| consumed)
 }
 
 /// Answers, with no backend, a client's Parse of statements already known valid in its

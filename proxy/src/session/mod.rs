@@ -16,6 +16,7 @@ mod handshake;
 mod messages;
 pub mod plan;
 mod relay;
+pub mod settings;
 pub mod statements;
 
 use std::net::SocketAddr;
@@ -59,6 +60,8 @@ pub struct Session {
     pub statements: statements::ClientStatements,
     /// Answers owed to the client for messages in flight.
     pub plan: plan::Plan,
+    /// The client's session settings (transaction mode), replayed on each backend.
+    pub settings: settings::Settings,
     /// Message boundaries found in the current read, reused between reads.
     pub scan: Vec<relay::Boundary>,
 }
@@ -134,7 +137,7 @@ pub async fn run(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr) {
         )
         .await;
         let setup = match setup {
-            Ok(Ok(pool)) => start_session(&app, &mut stream, pool).await,
+            Ok(Ok(pool)) => start_session(&app, &mut stream, pool, &message).await,
             Ok(Err(failure)) => Err(failure),
             Err(_) => Err(ErrorReport::fatal(
                 sqlstate::CONNECTION_FAILURE,
@@ -276,6 +279,7 @@ async fn start_session(
     app: &Arc<App>,
     stream: &mut TcpStream,
     pool: Arc<Pool>,
+    message: &StartupMessage,
 ) -> Result<(Session, Option<BackendConn>), Failure> {
     let target = pool.target().clone();
     let mut out = BytesMut::with_capacity(512);
@@ -284,6 +288,49 @@ async fn start_session(
     if mode == PoolMode::Session || pool.params().is_none() {
         let deadline = Instant::now() + target.config.borrow_timeout;
         held = Some(pool.borrow(deadline).await.map_err(Failure::from_borrow)?);
+    }
+    // Startup parameters equal to what every backend logs in with need no replay.
+    let login_params = pool.params().unwrap_or_default();
+    let wanted: Vec<(String, String)> = message
+        .params
+        .iter()
+        .filter(|(name, value)| !login_params.iter().any(|(n, v)| n == name && v == value))
+        .cloned()
+        .collect();
+    let settings = settings::Settings::from_startup(&wanted).map_err(|e| {
+        ErrorReport::fatal(
+            sqlstate::INVALID_PARAMETER_VALUE,
+            format!("invalid startup packet: {e}"),
+        )
+    })?;
+    let mut reported = Vec::new();
+    if !settings.is_empty() {
+        // Apply the startup settings as Postgres would at login, once per distinct set of
+        // settings in this pool, to learn the values as the server reports them.
+        match pool.reported_for(&settings.signature()) {
+            Some(values) if held.is_none() => reported = values,
+            _ => {
+                let mut conn = match held.take() {
+                    Some(conn) => conn,
+                    None => {
+                        let deadline = Instant::now() + target.config.borrow_timeout;
+                        pool.borrow(deadline).await.map_err(Failure::from_borrow)?
+                    }
+                };
+                match apply_settings(&mut conn, &settings.replay_sql()).await {
+                    Ok(values) => {
+                        conn.settings = settings.signature();
+                        pool.remember_reported(settings.signature(), values.clone());
+                        reported = values;
+                        held = Some(conn);
+                    }
+                    Err(failure) => {
+                        pool.discard(conn, "startup_settings_failed");
+                        return Err(failure);
+                    }
+                }
+            }
+        }
     }
     if mode == PoolMode::Transaction {
         if let Some(conn) = held.take() {
@@ -297,6 +344,11 @@ async fn start_session(
         )
     })?;
     for (name, value) in params.iter() {
+        let value = reported
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map_or(value.as_str(), |(_, v)| v.as_str());
         backend::parameter_status(&mut out, name, value);
     }
     let cancel = app.cancels.register();
@@ -316,11 +368,71 @@ async fn start_session(
             queries,
             statements: Default::default(),
             plan: Default::default(),
+            settings,
             scan: Vec::new(),
             target,
         },
         held,
     ))
+}
+
+/// Runs `sql` on a backend outside any client's view; returns the ParameterStatus values it
+/// reported, or Postgres's error (relayed to the client as Postgres sent it).
+async fn apply_settings(
+    conn: &mut BackendConn,
+    sql: &str,
+) -> Result<Vec<(String, String)>, Failure> {
+    use tokio::io::AsyncReadExt;
+    let lost = || -> Failure {
+        ErrorReport::fatal(
+            sqlstate::CONNECTION_FAILURE,
+            "lost the database connection while applying startup settings",
+        )
+        .into()
+    };
+    let mut request = BytesMut::new();
+    pgwarden_protocol::frontend::query(&mut request, sql);
+    conn.stream.write_all(&request).await.map_err(|_| lost())?;
+    let mut reported = Vec::new();
+    let mut error = None;
+    loop {
+        match pgwarden_protocol::frame::take_message(
+            &mut conn.read_buf,
+            pgwarden_protocol::limits::MAX_INSPECTED_MESSAGE,
+        ) {
+            Ok(Some((backend::PARAMETER_STATUS, body))) => {
+                if let Ok((name, value)) = backend::parse_parameter_status(&body) {
+                    reported.push((name.to_owned(), value.to_owned()));
+                }
+            }
+            Ok(Some((backend::ERROR_RESPONSE, body))) => {
+                let mut raw = BytesMut::new();
+                pgwarden_protocol::frame::write_message(&mut raw, backend::ERROR_RESPONSE, |b| {
+                    b.extend_from_slice(&body)
+                });
+                error = Some(raw.freeze());
+            }
+            Ok(Some((backend::READY_FOR_QUERY, _))) => break,
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                conn.read_buf.reserve(4096);
+                if conn
+                    .stream
+                    .read_buf(&mut conn.read_buf)
+                    .await
+                    .map_err(|_| lost())?
+                    == 0
+                {
+                    return Err(lost());
+                }
+            }
+            Err(_) => return Err(lost()),
+        }
+    }
+    match error {
+        Some(raw) => Err(Failure::Raw(raw)),
+        None => Ok(reported),
+    }
 }
 
 fn closed() -> Failure {

@@ -10,6 +10,8 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use pgwarden_protocol::backend;
 
+use super::settings::Change;
+
 /// Who answers a Parse or Close.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reply {
@@ -41,8 +43,16 @@ pub enum Expect {
         reply: Reply,
     },
     Sync,
-    /// A simple Query or FunctionCall: answered up to its ReadyForQuery.
-    Query,
+    /// A simple Query or FunctionCall: answered up to its ReadyForQuery. `change` is the
+    /// session setting it makes, kept if it succeeds.
+    Query {
+        change: Option<Change>,
+        failed: bool,
+    },
+    /// pgwarden's own query replaying the client's settings: every answer is hidden.
+    Hidden {
+        failed: bool,
+    },
     /// CopyDone or CopyFail: no answer of its own; marks where a COPY IN ends.
     CopyEnd,
 }
@@ -60,6 +70,10 @@ pub enum Event {
     },
     /// A Bind of `name` failed with "cached plan must not change result type".
     PlanChanged { name: Arc<str> },
+    /// A simple query making a setting change ended (its ReadyForQuery was just read).
+    SettingDone { change: Change, failed: bool },
+    /// The settings replay ended.
+    ReplayDone { failed: bool },
 }
 
 /// The ordered answers owed to the client.
@@ -97,6 +111,23 @@ impl Plan {
 
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
+    }
+
+    /// True while the backend is answering pgwarden's settings replay.
+    pub fn replaying(&self) -> bool {
+        matches!(self.queue.front(), Some(Expect::Hidden { .. }))
+    }
+
+    /// Accounts for one message of the replay's answer (all hidden from the client).
+    pub fn on_replay_message(&mut self, tag: u8, events: &mut Vec<Event>) {
+        match (tag, self.queue.front_mut()) {
+            (backend::ERROR_RESPONSE, Some(Expect::Hidden { failed })) => *failed = true,
+            (backend::READY_FOR_QUERY, Some(Expect::Hidden { failed })) => {
+                events.push(Event::ReplayDone { failed: *failed });
+                self.queue.pop_front();
+            }
+            _ => {}
+        }
     }
 
     /// The backend entered COPY FROM STDIN for the request at the head: it ignores Sync
@@ -169,14 +200,29 @@ impl Plan {
                 self.queue.pop_front();
                 forward
             }
+            (backend::READY_FOR_QUERY, Expect::Query { .. }) => {
+                if let Some(Expect::Query {
+                    change: Some(change),
+                    failed,
+                }) = self.queue.pop_front()
+                {
+                    events.push(Event::SettingDone { change, failed });
+                }
+                true
+            }
             (backend::BIND_COMPLETE, Expect::Bind { .. })
             | (b'T' | b'n', Expect::Describe)
             | (b'C' | b'I' | b's', Expect::Execute)
-            | (backend::READY_FOR_QUERY, Expect::Sync | Expect::Query) => {
+            | (backend::READY_FOR_QUERY, Expect::Sync) => {
                 self.queue.pop_front();
                 true
             }
-            (backend::ERROR_RESPONSE, Expect::Query) => true,
+            (backend::ERROR_RESPONSE, Expect::Query { .. }) => {
+                if let Some(Expect::Query { failed, .. }) = self.queue.front_mut() {
+                    *failed = true;
+                }
+                true
+            }
             (backend::ERROR_RESPONSE, _) => {
                 self.fail_until_sync(error, events);
                 true
@@ -184,7 +230,7 @@ impl Plan {
             (backend::READY_FOR_QUERY, _) => {
                 // Out of step (should not happen): resynchronise at this ReadyForQuery.
                 while let Some(e) = self.queue.pop_front() {
-                    if matches!(e, Expect::Sync | Expect::Query) {
+                    if matches!(e, Expect::Sync | Expect::Query { .. }) {
                         break;
                     }
                 }
@@ -337,7 +383,10 @@ mod tests {
     #[test]
     fn a_simple_query_with_an_error_ends_at_its_ready_for_query() {
         let mut plan = Plan::default();
-        plan.push(Expect::Query);
+        plan.push(Expect::Query {
+            change: None,
+            failed: false,
+        });
         plan.push(parse(Reply::Synthesize));
         let mut out = BytesMut::new();
         let mut events = Vec::new();

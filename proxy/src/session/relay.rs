@@ -23,6 +23,7 @@ use tracing::debug;
 
 use super::messages::{answer_without_backend, process_backend, process_client, BackendSide};
 pub use super::messages::{Boundary, TxState};
+use super::plan::Expect;
 use super::{cleanup, Failure, Session};
 use crate::backend::BackendConn;
 
@@ -238,9 +239,16 @@ async fn relay(
     let bbuf = &mut backend.read_buf;
     let mut side = BackendSide {
         statements: &mut backend.statements,
+        settings: &mut backend.settings,
         to_backend: &mut backend.to_backend,
         to_client: &mut backend.to_client,
     };
+    if s.releases_per_transaction() && *side.settings != s.settings.signature() {
+        // The backend carries someone else's settings: make them the client's own first.
+        frontend::query(side.to_backend, &s.settings.replay_sql());
+        s.plan.push(Expect::Hidden { failed: false });
+        *side.settings = s.settings.signature();
+    }
     let mut backend_walker = FrameWalker::new();
     let mut terminating = false;
     // Session-mode and pinned clients wait here between transactions, so shutdown must be
