@@ -100,6 +100,13 @@ pub struct TargetConfig {
     /// client. Default `DISCARD ALL`.
     #[serde(default = "defaults::reset_query")]
     pub reset_query: String,
+    /// Pin reasons that do NOT pin in transaction mode (like a managed proxy's pinning
+    /// filters): the client keeps sharing backends although the state it created may then
+    /// be seen by, or lost to, other clients. Values: `sql_prepare`, `temp_table`,
+    /// `advisory_lock`, `listen`, `hold_cursor`, `load`, `session_setting`, `uninspected`.
+    /// Default `[]` (every reason pins).
+    #[serde(default)]
+    pub pin_filters: Vec<String>,
     /// Where pgwarden's database logins come from.
     pub credentials: CredentialsConfig,
 }
@@ -266,6 +273,11 @@ impl Config {
                 problems.push(format!(
                     "target {n:?}: max_logins_in_flight must be at least 1"
                 ));
+            }
+            for filter in &t.pin_filters {
+                if crate::pinning::PinReason::from_name(filter).is_none() {
+                    problems.push(format!("target {n:?}: unknown pin filter {filter:?}"));
+                }
             }
             if t.databases.is_empty() {
                 problems.push(format!(

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub queries: IntCounterVec,
     /// Clients pinned to one backend in transaction mode, by target and reason.
     pub pins: IntCounterVec,
+    /// Pins skipped because `pin_filters` names their reason, by target and reason.
+    pub pins_filtered: IntCounterVec,
     /// Cancel requests by outcome (`forwarded`, `idle`, `unknown`, `failed`).
     pub cancels: IntCounterVec,
     /// Time to log in a new backend connection.
@@ -126,6 +128,11 @@ impl Metrics {
             pins: counter_vec(
                 "pgwarden_pins_total",
                 "Clients pinned to a backend in transaction mode, by reason",
+                &["target", "reason"],
+            ),
+            pins_filtered: counter_vec(
+                "pgwarden_pins_filtered_total",
+                "Pins skipped because pin_filters names their reason",
                 &["target", "reason"],
             ),
             cancels: counter_vec(

@@ -25,6 +25,23 @@ pub enum PinReason {
 }
 
 impl PinReason {
+    const ALL: [PinReason; 9] = [
+        PinReason::NamedStatement,
+        PinReason::SessionSetting,
+        PinReason::SqlPrepare,
+        PinReason::TempTable,
+        PinReason::AdvisoryLock,
+        PinReason::Listen,
+        PinReason::HoldCursor,
+        PinReason::Load,
+        PinReason::Uninspected,
+    ];
+
+    /// The reason named `name` (its metric label), for the `pin_filters` setting.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             PinReason::NamedStatement => "named_statement",

@@ -234,3 +234,27 @@ async fn listen_notify_works_through_pgwarden_and_pins_the_listener() {
     let metrics = pgwarden.metrics().await;
     assert!(pins(&metrics, "listen") >= 1.0, "{metrics}");
 }
+
+#[tokio::test]
+async fn a_pin_filter_keeps_a_client_sharing_backends_and_counts_it() {
+    let cluster = PgCluster::start();
+    let pgwarden = Pgwarden::start(
+        &cluster,
+        PgwardenOptions {
+            extra_target_toml: "pin_filters = [\"sql_prepare\"]".into(),
+            ..options(2)
+        },
+    )
+    .await;
+    let client = pgwarden.connect("app", "app-pw", "app").await;
+    client
+        .batch_execute("prepare q as select 1")
+        .await
+        .expect("prepare");
+    let metrics = pgwarden.metrics().await;
+    assert_eq!(pins(&metrics, "sql_prepare"), 0.0, "{metrics}");
+    assert!(
+        metrics.contains("pgwarden_pins_filtered_total{reason=\"sql_prepare\",target=\"main\"} 1"),
+        "{metrics}"
+    );
+}

@@ -73,6 +73,20 @@ impl Session {
     }
 
     pub fn pin(&mut self, reason: PinReason) {
+        if self
+            .target
+            .config
+            .pin_filters
+            .iter()
+            .any(|f| f == reason.as_str())
+        {
+            self.app
+                .metrics
+                .pins_filtered
+                .with_label_values(&[self.target.name(), reason.as_str()])
+                .inc();
+            return;
+        }
         if self.pinned.is_none() && self.mode == PoolMode::Transaction {
             self.pinned = Some(reason);
             self.app
