@@ -8,8 +8,6 @@
 /// Why a client was pinned; also the `reason` metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PinReason {
-    /// A protocol-level named prepared statement (Parse with a name).
-    NamedStatement,
     /// A session-level `SET`, `RESET` or `set_config(..., false)`.
     SessionSetting,
     /// SQL `PREPARE`.
@@ -25,8 +23,7 @@ pub enum PinReason {
 }
 
 impl PinReason {
-    const ALL: [PinReason; 9] = [
-        PinReason::NamedStatement,
+    const ALL: [PinReason; 8] = [
         PinReason::SessionSetting,
         PinReason::SqlPrepare,
         PinReason::TempTable,
@@ -44,7 +41,6 @@ impl PinReason {
 
     pub fn as_str(self) -> &'static str {
         match self {
-            PinReason::NamedStatement => "named_statement",
             PinReason::SessionSetting => "session_setting",
             PinReason::SqlPrepare => "sql_prepare",
             PinReason::TempTable => "temp_table",
@@ -55,11 +51,6 @@ impl PinReason {
             PinReason::Uninspected => "uninspected",
         }
     }
-}
-
-/// Classifies a Parse by its statement name: only the unnamed statement is transient.
-pub fn classify_parse(statement_name: &str) -> Option<PinReason> {
-    (!statement_name.is_empty()).then_some(PinReason::NamedStatement)
 }
 
 /// Classifies the SQL of a simple Query (which may hold several statements) or of a Parse.
@@ -242,12 +233,6 @@ mod tests {
         for (sql, reason) in cases {
             assert_eq!(classify_sql(sql), Some(reason), "{sql}");
         }
-    }
-
-    #[test]
-    fn only_named_statements_pin() {
-        assert_eq!(classify_parse(""), None);
-        assert_eq!(classify_parse("s0"), Some(PinReason::NamedStatement));
     }
 
     #[test]
