@@ -40,6 +40,22 @@ pub struct ServerConfig {
     /// Time to wait for in-flight transactions on shutdown before closing. Default `30s`.
     #[serde(default = "defaults::shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Refuse clients that do not use TLS (SQLSTATE 28000). Default `true`; needs
+    /// `[server.tls]`. Set to `false` only on a trusted network or loopback.
+    #[serde(default = "defaults::require_tls")]
+    pub require_tls: bool,
+    /// Certificate and key clients are served with. Default: none (no TLS offered).
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// The certificate pgwarden presents to clients (PEM files; reloaded on SIGHUP).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    /// Certificate chain, leaf first. Required.
+    pub cert_path: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1). Required.
+    pub key_path: PathBuf,
 }
 
 /// How a target shares backend connections among clients.
@@ -107,6 +123,13 @@ pub struct TargetConfig {
     /// Default `[]` (every reason pins).
     #[serde(default)]
     pub pin_filters: Vec<String>,
+    /// TLS towards the database: `disable`, `prefer` (TLS if the server offers it, the
+    /// default), `require` (TLS without checking the certificate) or `verify-full` (TLS,
+    /// certificate checked against `ca_path` and `host`).
+    #[serde(default = "defaults::backend_tls")]
+    pub tls: crate::tls::BackendTlsMode,
+    /// CA bundle (PEM) for `tls = "verify-full"`, e.g. the RDS CA bundle. Default: none.
+    pub ca_path: Option<PathBuf>,
     /// Where pgwarden's database logins come from.
     pub credentials: CredentialsConfig,
 }
@@ -141,6 +164,12 @@ mod defaults {
     }
     pub fn shutdown_timeout() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn require_tls() -> bool {
+        true
+    }
+    pub fn backend_tls() -> crate::tls::BackendTlsMode {
+        crate::tls::BackendTlsMode::Prefer
     }
     pub fn pg_port() -> u16 {
         5432
@@ -208,7 +237,19 @@ impl Config {
             other => other,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(tls) = &mut config.server.tls {
+            resolve(&mut tls.cert_path);
+            resolve(&mut tls.key_path);
+        }
         for target in &mut config.targets {
+            if let Some(ca) = &mut target.ca_path {
+                resolve(ca);
+            }
             let CredentialsConfig::File { path } = &mut target.credentials;
             if path.is_relative() {
                 *path = base.join(&*path);
@@ -232,6 +273,12 @@ impl Config {
         let mut problems = Vec::new();
         if self.targets.is_empty() {
             problems.push("at least one [[targets]] entry is required".to_owned());
+        }
+        if self.server.require_tls && self.server.tls.is_none() {
+            problems.push(
+                "server.require_tls is true but [server.tls] is missing (or set require_tls = false on a trusted network)"
+                    .to_owned(),
+            );
         }
         if self.server.startup_timeout.is_zero() {
             problems.push("server.startup_timeout must be above zero".to_owned());
@@ -273,6 +320,9 @@ impl Config {
                 problems.push(format!(
                     "target {n:?}: max_logins_in_flight must be at least 1"
                 ));
+            }
+            if t.tls == crate::tls::BackendTlsMode::VerifyFull && t.ca_path.is_none() {
+                problems.push(format!("target {n:?}: tls = \"verify-full\" needs ca_path"));
             }
             for filter in &t.pin_filters {
                 if crate::pinning::PinReason::from_name(filter).is_none() {
@@ -316,6 +366,7 @@ mod tests {
 
     const MINIMAL: &str = r#"
         [server]
+        require_tls = false
         [[targets]]
         name = "main"
         host = "db.internal"

@@ -24,6 +24,13 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result
         "CREATE ROLE {DEMO_USER} LOGIN PASSWORD '{password}';"
     ))?;
     cluster.psql(&format!("CREATE DATABASE {DEMO_USER} OWNER {DEMO_USER};"))?;
+    // TLS as in production: an ECDSA P-256 certificate for localhost, made for this run.
+    let certs = crate::tls::generate_certificates(&["localhost", "127.0.0.1"])?;
+    let cert_path = cluster.dir.path().join("pgwarden.crt");
+    let key_path = cluster.dir.path().join("pgwarden.key");
+    std::fs::write(&cert_path, &certs.cert_pem)?;
+    write_private(&key_path, &certs.key_pem)?;
+    std::fs::write(cluster.dir.path().join("ca.crt"), &certs.ca_pem)?;
     let users = cluster.dir.path().join("users.toml");
     write_private(
         &users,
@@ -34,6 +41,11 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result
 [server]
 listen = "{listen}"
 admin_listen = "{admin_listen}"
+require_tls = true
+
+[server.tls]
+cert_path = {cert_path:?}
+key_path = {key_path:?}
 
 [[targets]]
 name = "demo"
@@ -47,7 +59,7 @@ credentials = {{ provider = "file", path = {users:?} }}
     let server = Server::bind(config).await?;
     tracing::info!(dir = %cluster.dir.path().display(), port = cluster.port, "demo Postgres cluster started");
     println!(
-        "postgresql://{DEMO_USER}:{password}@{}:{}/{DEMO_USER}?sslmode=disable",
+        "postgresql://{DEMO_USER}:{password}@{}:{}/{DEMO_USER}?sslmode=require",
         server.listen.ip(),
         server.listen.port()
     );

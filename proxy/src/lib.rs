@@ -18,6 +18,8 @@ pub mod pinning;
 pub mod pool;
 pub mod server;
 pub mod session;
+pub mod stream;
+pub mod tls;
 
 pub use app::App;
 pub use config::Config;

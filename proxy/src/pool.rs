@@ -65,6 +65,8 @@ pub enum BorrowError {
 pub struct Target {
     pub config: TargetConfig,
     pub credentials: CredentialStore,
+    /// TLS towards the database, when the target's `tls` mode is not `disable`.
+    pub connector: Option<tokio_rustls::TlsConnector>,
     /// Permits for `max_backend_connections`, held by every open connection.
     capacity: Arc<Semaphore>,
     /// Pools waiting for a share of `max_backend_connections`. While any wait, a connection
@@ -81,6 +83,7 @@ impl Target {
     pub fn new(
         config: TargetConfig,
         credentials: CredentialStore,
+        connector: Option<tokio_rustls::TlsConnector>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -90,6 +93,7 @@ impl Target {
             pools: Mutex::new(HashMap::new()),
             config,
             credentials,
+            connector,
             metrics,
         })
     }
@@ -167,10 +171,10 @@ impl Target {
                 let min_idle = self.config.min_idle;
                 let mut i = 0;
                 while i < st.idle.len() {
-                    let c = &st.idle[i];
-                    let idle_too_long = now.duration_since(c.idle_since)
-                        >= self.config.idle_timeout
-                        && st.open - closing.len() > min_idle;
+                    let above_min = st.open - closing.len() > min_idle;
+                    let c = &mut st.idle[i];
+                    let idle_too_long =
+                        now.duration_since(c.idle_since) >= self.config.idle_timeout && above_min;
                     if c.is_expired(now) || idle_too_long || c.is_broken() {
                         closing.push(st.idle.swap_remove(i));
                     } else {
@@ -377,7 +381,7 @@ impl Pool {
         let mut discard = Vec::new();
         let mut st = lock(&self.state);
         let now = Instant::now();
-        while let Some(conn) = st.idle.pop() {
+        while let Some(mut conn) = st.idle.pop() {
             if conn.is_expired(now) || conn.is_broken() {
                 discard.push(conn);
             } else {
@@ -472,8 +476,8 @@ impl Pool {
                 .min(target.config.connect_timeout)
                 .max(Duration::from_millis(1));
             let attempt = backend::connect(
-                &target.config.host,
-                target.config.port,
+                &target.config,
+                target.connector.as_ref(),
                 &self.key.database,
                 &self.key.user,
                 &creds.password,

@@ -71,6 +71,9 @@ impl Server {
                 }
             });
         }
+        if app.tls.is_some() {
+            tokio::spawn(reload_tls_on_sighup(app.clone()));
+        }
         info!(listen = %self.listen, admin = %self.admin, "pgwarden is serving");
         let sessions = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(app.config.server.max_client_connections));
@@ -155,6 +158,28 @@ fn raise_fd_limit(config: &Config) {
             }
         }
         Err(e) => warn!(error = %e, "could not raise the open-file limit"),
+    }
+}
+
+/// Reloads the client TLS certificate and key on SIGHUP; a bad file keeps the old ones.
+async fn reload_tls_on_sighup(app: Arc<App>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        warn!("cannot listen for SIGHUP: TLS certificates will not be reloaded");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {}
+            () = app.shutdown.cancelled() => return,
+        }
+        if let Some(tls) = &app.tls {
+            match tls.reload() {
+                Ok(()) => info!("TLS certificate reloaded"),
+                Err(e) => {
+                    warn!(error = %e, "TLS certificate reload failed; keeping the previous one")
+                }
+            }
+        }
     }
 }
 

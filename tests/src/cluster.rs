@@ -154,6 +154,27 @@ impl PgCluster {
         }
     }
 
+    /// Turns on TLS with the given certificate and key (PEM) and reloads the server.
+    pub fn enable_ssl(&self, cert_pem: &str, key_pem: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let cert = self.data_dir().join("server.crt");
+        let key = self.data_dir().join("server.key");
+        fs::write(&cert, cert_pem).expect("write server.crt");
+        fs::write(&key, key_pem).expect("write server.key");
+        // Postgres refuses a key readable by others, and must own it.
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).expect("chmod server.key");
+        if let Some(user) = self.run_as {
+            let (uid, gid) = os_user_ids(user);
+            for path in [&cert, &key] {
+                std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown TLS files");
+            }
+        }
+        self.psql("alter system set ssl = on");
+        self.psql("select pg_reload_conf()");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert_eq!(self.psql("show ssl"), "on", "ssl enabled");
+    }
+
     fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }

@@ -37,6 +37,9 @@ pub struct PgwardenOptions {
     pub extra_target_toml: String,
     /// Raw TOML lines appended to the `[server]` table.
     pub extra_server_toml: String,
+    /// Serve TLS with a generated certificate (for `localhost` and `127.0.0.1`) and require
+    /// it; its CA is at [`Pgwarden::ca_path`]. Without it, plaintext is allowed.
+    pub tls: bool,
 }
 
 impl Default for PgwardenOptions {
@@ -49,6 +52,7 @@ impl Default for PgwardenOptions {
             users: vec![("app".to_owned(), "app-pw".to_owned())],
             extra_target_toml: String::new(),
             extra_server_toml: String::new(),
+            tls: false,
         }
     }
 }
@@ -96,6 +100,13 @@ impl Pgwarden {
         let credentials_toml =
             toml::to_string(&CredentialsFile { users }).expect("serialize credentials file");
         fs::write(&credentials, credentials_toml).expect("write credentials file");
+        if options.tls {
+            let generated = pgwarden::tls::generate_certificates(&["localhost", "127.0.0.1"])
+                .expect("generate test certificates");
+            fs::write(dir.path().join("server.crt"), generated.cert_pem).expect("write cert");
+            fs::write(dir.path().join("server.key"), generated.key_pem).expect("write key");
+            fs::write(dir.path().join("ca.crt"), generated.ca_pem).expect("write CA");
+        }
 
         let config = dir.path().join("pgwarden.toml");
         let log = dir.path().join("pgwarden.log");
@@ -130,6 +141,11 @@ impl Pgwarden {
             (proxy.port, proxy.admin_port) = two_free_ports();
             proxy.child = launch(proxy.port, proxy.admin_port);
         }
+    }
+
+    /// The CA that signed pgwarden's certificate (when started with `tls: true`).
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
     }
 
     /// Port clients connect to.
@@ -323,6 +339,13 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+fn credentials_dir(credentials: &Path) -> PathBuf {
+    credentials
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
 fn config_toml(
     cluster: &PgCluster,
     options: &PgwardenOptions,
@@ -330,13 +353,16 @@ fn config_toml(
     admin_port: u16,
     credentials: &Path,
 ) -> String {
+    let credentials_path = credentials;
     let credentials = toml_str(&credentials.display().to_string());
     format!(
         r#"[server]
 listen = "127.0.0.1:{port}"
 admin_listen = "127.0.0.1:{admin_port}"
 max_client_connections = 10000
+require_tls = {tls}
 {extra_server}
+{tls_table}
 
 [[targets]]
 name = "main"
@@ -351,6 +377,17 @@ credentials = {{ provider = "file", path = {credentials} }}
 {extra_target}
 "#,
         extra_server = options.extra_server_toml,
+        tls = options.tls,
+        tls_table = if options.tls {
+            let dir = credentials_dir(credentials_path);
+            format!(
+                "[server.tls]\ncert_path = {}\nkey_path = {}\n",
+                toml_str(&dir.join("server.crt").display().to_string()),
+                toml_str(&dir.join("server.key").display().to_string())
+            )
+        } else {
+            String::new()
+        },
         host = cluster.host(),
         pg_port = cluster.port(),
         pool_mode = toml_str(options.pool_mode),

@@ -24,7 +24,7 @@ fn check_config_accepts_a_valid_file_and_never_prints_a_password() {
     let config = write(
         dir.path(),
         "pgwarden.toml",
-        "[server]\n[[targets]]\nname = \"main\"\nhost = \"db\"\ncredentials = { provider = \"file\", path = \"users.toml\" }\n",
+        "[server]\nrequire_tls = false\n[[targets]]\nname = \"main\"\nhost = \"db\"\ncredentials = { provider = \"file\", path = \"users.toml\" }\n",
     );
     let out = Command::new(pgwarden_binary())
         .args(["check-config", &config])
@@ -57,6 +57,10 @@ fn check_config_reports_every_problem_at_once() {
     assert!(!out.status.success());
     assert!(stderr.contains("host is empty"), "{stderr}");
     assert!(stderr.contains("pool_size must be at least 1"), "{stderr}");
+    assert!(
+        stderr.contains("require_tls is true but [server.tls] is missing"),
+        "TLS is required by default: {stderr}"
+    );
 }
 
 #[tokio::test]
@@ -81,16 +85,30 @@ async fn demo_serves_the_connection_string_it_prints_and_cleans_up_on_sigterm() 
     );
     assert!(dsn.contains(&format!(":{port}/")), "{dsn}");
 
-    let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
-        .await
-        .expect("connect with the printed string");
-    tokio::spawn(connection);
-    let row = client
-        .query_one("select current_user::text", &[])
-        .await
-        .expect("query");
-    assert_eq!(row.get::<_, String>(0), "demo");
-    drop(client);
+    assert!(
+        dsn.ends_with("sslmode=require"),
+        "the demo asks for TLS: {dsn}"
+    );
+
+    // libpq with the printed string, as a user would run it.
+    let psql = |dsn: &str| {
+        Command::new(pgwarden_tests::pg_bindir().join("psql"))
+            .args(["-XAtq", dsn, "-c", "select current_user"])
+            .output()
+            .expect("run psql")
+    };
+    let out = psql(&dsn);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "demo");
+    // Plaintext is refused: TLS is required.
+    let refused = psql(&dsn.replace("sslmode=require", "sslmode=disable"));
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("pgwarden requires TLS"), "{stderr}");
 
     let metrics_port: u16 = metrics_url
         .trim()
@@ -100,7 +118,7 @@ async fn demo_serves_the_connection_string_it_prints_and_cleans_up_on_sigterm() 
         .unwrap_or_else(|| panic!("second line is the metrics URL: {metrics_url:?}"));
     let body = pgwarden_tests::http_get(metrics_port, "/metrics").await;
     assert!(
-        body.contains("pgwarden_client_connections_received_total 1"),
+        body.contains("pgwarden_client_connections_received_total 2"),
         "{body}"
     );
 

@@ -13,13 +13,18 @@ use pgwarden_protocol::startup::{encode_startup, CancelKey};
 use pgwarden_protocol::ProtocolError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::config::TargetConfig;
+use crate::stream::BackendStream;
+use crate::tls::BackendTlsMode;
 
 /// Largest message accepted from a backend during login.
 const MAX_LOGIN_MESSAGE: usize = 64 * 1024;
 
 /// What a successful login yields.
 pub struct LoggedIn {
-    pub stream: TcpStream,
+    pub stream: BackendStream,
     pub addr: SocketAddr,
     pub key: CancelKey,
     /// ParameterStatus values in the order the server sent them.
@@ -48,6 +53,10 @@ pub enum ConnectError {
     Login(#[from] LoginError),
     #[error("backend closed the connection during login")]
     Closed,
+    #[error("the database does not accept TLS, which target setting tls = {0:?} requires")]
+    TlsRefused(BackendTlsMode),
+    #[error("TLS handshake with the database failed: {0}")]
+    Tls(std::io::Error),
 }
 
 impl ConnectError {
@@ -62,33 +71,70 @@ impl ConnectError {
 
 /// Connects and logs in to `host:port` as `user` on `database`, within `timeout`.
 pub async fn connect(
-    host: &str,
-    port: u16,
+    target: &TargetConfig,
+    connector: Option<&TlsConnector>,
     database: &str,
     user: &str,
     password: &Secret,
     timeout: Duration,
 ) -> Result<LoggedIn, ConnectError> {
-    tokio::time::timeout(timeout, login(host, port, database, user, password))
+    tokio::time::timeout(timeout, login(target, connector, database, user, password))
         .await
         .map_err(|_| ConnectError::Timeout(timeout))?
 }
 
-async fn login(
-    host: &str,
-    port: u16,
-    database: &str,
-    user: &str,
-    password: &Secret,
-) -> Result<LoggedIn, ConnectError> {
+/// TCP connect, then TLS if the target asks for it (SSLRequest, then the handshake).
+async fn open(
+    target: &TargetConfig,
+    connector: Option<&TlsConnector>,
+) -> Result<(BackendStream, SocketAddr), ConnectError> {
+    let (host, port) = (target.host.as_str(), target.port);
     let io_error = |source| ConnectError::Io {
         host: host.to_owned(),
         port,
         source,
     };
-    let mut stream = TcpStream::connect((host, port)).await.map_err(io_error)?;
-    stream.set_nodelay(true).map_err(io_error)?;
-    let addr = stream.peer_addr().map_err(io_error)?;
+    let mut tcp = TcpStream::connect((host, port)).await.map_err(io_error)?;
+    tcp.set_nodelay(true).map_err(io_error)?;
+    let addr = tcp.peer_addr().map_err(io_error)?;
+    let Some(connector) = connector else {
+        return Ok((BackendStream::Plain(tcp), addr));
+    };
+    let mut request = BytesMut::with_capacity(8);
+    request.extend_from_slice(&8u32.to_be_bytes());
+    request.extend_from_slice(&80_877_103u32.to_be_bytes());
+    tcp.write_all(&request).await.map_err(io_error)?;
+    let answer = tcp.read_u8().await.map_err(io_error)?;
+    match (answer, target.tls) {
+        (b'S', _) => {
+            let name = crate::tls::server_name(host)
+                .map_err(|e| ConnectError::Tls(std::io::Error::other(e)))?;
+            let tls = connector
+                .connect(name, tcp)
+                .await
+                .map_err(ConnectError::Tls)?;
+            Ok((BackendStream::Tls(Box::new(tls)), addr))
+        }
+        (b'N', BackendTlsMode::Prefer) => Ok((BackendStream::Plain(tcp), addr)),
+        (b'N', mode) => Err(ConnectError::TlsRefused(mode)),
+        _ => Err(ProtocolError::Malformed("answer to SSLRequest").into()),
+    }
+}
+
+async fn login(
+    target: &TargetConfig,
+    connector: Option<&TlsConnector>,
+    database: &str,
+    user: &str,
+    password: &Secret,
+) -> Result<LoggedIn, ConnectError> {
+    let (host, port) = (target.host.as_str(), target.port);
+    let io_error = |source| ConnectError::Io {
+        host: host.to_owned(),
+        port,
+        source,
+    };
+    let (mut stream, addr) = open(target, connector).await?;
 
     let mut out = BytesMut::with_capacity(256);
     encode_startup(
@@ -100,6 +146,7 @@ async fn login(
         &mut out,
     );
     stream.write_all(&out).await.map_err(io_error)?;
+    stream.flush().await.map_err(io_error)?;
 
     let mut login = BackendLogin::new(user, password.clone());
     let mut buf = BytesMut::with_capacity(1024);
@@ -116,7 +163,10 @@ async fn login(
         };
         match tag {
             backend::AUTHENTICATION => match login.respond(&body)? {
-                LoginStep::Send(reply) => stream.write_all(&reply).await.map_err(io_error)?,
+                LoginStep::Send(reply) => {
+                    stream.write_all(&reply).await.map_err(io_error)?;
+                    stream.flush().await.map_err(io_error)?;
+                }
                 LoginStep::Ok | LoginStep::Continue => {}
             },
             backend::PARAMETER_STATUS => {

@@ -5,10 +5,10 @@ pub mod connect;
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use crate::stream::BackendStream;
 use bytes::BytesMut;
 use pgwarden_protocol::startup::CancelKey;
 use prometheus::IntGauge;
-use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::pool::Slot;
@@ -17,7 +17,7 @@ pub use connect::{connect, ConnectError, LoggedIn};
 
 /// A logged-in backend connection, owned by exactly one pool slot.
 pub struct BackendConn {
-    pub stream: TcpStream,
+    pub stream: BackendStream,
     /// The backend's own cancel key, used to forward a client's CancelRequest.
     pub key: CancelKey,
     /// The address the key is valid for.
@@ -57,7 +57,7 @@ impl Drop for BackendConn {
 impl BackendConn {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        stream: TcpStream,
+        stream: BackendStream,
         key: CancelKey,
         addr: SocketAddr,
         expires_at: Instant,
@@ -108,12 +108,11 @@ impl BackendConn {
     /// True when the server has closed the socket or sent something unprompted (such as the
     /// FATAL error of `pg_terminate_backend`) while the connection sat idle. Such a
     /// connection is discarded instead of being handed to a client.
-    pub fn is_broken(&self) -> bool {
-        let mut probe = [0u8; 1];
-        match self.stream.try_read(&mut probe) {
-            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
-            Ok(_) => true,
-        }
+    pub fn is_broken(&mut self) -> bool {
+        let mut probe = BytesMut::with_capacity(1);
+        // Pending: nothing to read, the connection is healthy. Anything else (data, EOF,
+        // an error) means it cannot be handed out.
+        self.stream.read_now(&mut probe).is_some()
     }
 
     /// Drops bytes left over from the last client (never meant for the next one) and

@@ -2,6 +2,7 @@
 //! mode). An unknown user goes through the same exchange and fails the same way as a wrong
 //! password, so probing cannot tell which users exist.
 
+use crate::stream::ClientStream;
 use bytes::BytesMut;
 use pgwarden_auth::{ScramError, ScramExchange};
 use pgwarden_protocol::backend::{self, ErrorReport};
@@ -10,7 +11,6 @@ use pgwarden_protocol::frontend;
 use pgwarden_protocol::limits::MAX_AUTH_MESSAGE;
 use pgwarden_protocol::sqlstate;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::credentials::CredentialStore;
 
@@ -32,7 +32,7 @@ impl AuthFailure {
 /// Runs the SCRAM exchange for `user`. On success the client has been sent
 /// AuthenticationSASLFinal and AuthenticationOk.
 pub async fn authenticate(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     buf: &mut BytesMut,
     credentials: &CredentialStore,
     user: &str,
@@ -68,8 +68,9 @@ pub async fn authenticate(
     send(stream, &out).await
 }
 
-async fn send(stream: &mut TcpStream, bytes: &[u8]) -> Result<(), AuthFailure> {
-    stream.write_all(bytes).await.map_err(|_| disconnected())
+async fn send(stream: &mut ClientStream, bytes: &[u8]) -> Result<(), AuthFailure> {
+    stream.write_all(bytes).await.map_err(|_| disconnected())?;
+    stream.flush().await.map_err(|_| disconnected())
 }
 
 fn disconnected() -> AuthFailure {
@@ -112,7 +113,7 @@ fn scram(e: ScramError, user: &str) -> AuthFailure {
 
 /// Reads the next message, which must be a PasswordMessage ('p') of bounded size.
 async fn read_password_message(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     buf: &mut BytesMut,
 ) -> Result<bytes::Bytes, AuthFailure> {
     loop {

@@ -7,6 +7,9 @@ use pgwarden_protocol::ProtocolError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::stream::ClientStream;
+use crate::tls::ServerTls;
+
 /// What a new connection wants.
 pub enum Handshake {
     Startup(StartupMessage),
@@ -19,41 +22,93 @@ pub enum HandshakeError {
     Protocol(#[from] ProtocolError),
     #[error("client closed the connection during startup")]
     Closed,
+    #[error("startup packet not received in time")]
+    Timeout,
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
-/// Reads startup packets until a StartupMessage or CancelRequest arrives. Encryption
-/// requests are declined with `N` (each at most once, as Postgres allows).
+/// The connection after negotiation: TLS if the client asked and pgwarden offers it.
+pub struct Negotiated {
+    pub stream: ClientStream,
+    pub handshake: Handshake,
+}
+
+/// Reads startup packets until a StartupMessage or CancelRequest arrives. An SSLRequest is
+/// answered `S` and the connection upgraded when `tls` is configured, `N` otherwise; a
+/// GSSENCRequest is always declined. Each may come once, as Postgres allows.
 pub async fn handshake(
-    stream: &mut TcpStream,
+    tcp: TcpStream,
     buf: &mut BytesMut,
-) -> Result<Handshake, HandshakeError> {
-    let mut declined_ssl = false;
-    let mut declined_gss = false;
+    tls: Option<&ServerTls>,
+    deadline: tokio::time::Instant,
+) -> Result<Negotiated, (Option<ClientStream>, HandshakeError)> {
+    let mut stream = ClientStream::Plain(tcp);
+    let mut asked_ssl = false;
+    let mut asked_gss = false;
     loop {
         let packet = loop {
-            if let Some(packet) = parse_startup(buf)? {
-                break packet;
+            match parse_startup(buf) {
+                Ok(Some(packet)) => break packet,
+                Ok(None) => {}
+                Err(e) => return Err((Some(stream), e.into())),
             }
-            if stream.read_buf(buf).await? == 0 {
-                return Err(HandshakeError::Closed);
+            match tokio::time::timeout_at(deadline, stream.read_buf(buf)).await {
+                Err(_) => return Err((Some(stream), HandshakeError::Timeout)),
+                Ok(Ok(0)) => return Err((None, HandshakeError::Closed)),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err((None, e.into())),
             }
         };
-        match packet {
-            StartupPacket::SslRequest if !declined_ssl => declined_ssl = true,
-            StartupPacket::GssEncRequest if !declined_gss => declined_gss = true,
-            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
-                return Err(ProtocolError::Malformed("repeated encryption request").into())
+        let upgrade = match packet {
+            StartupPacket::SslRequest if !asked_ssl && !stream.is_tls() => {
+                asked_ssl = true;
+                tls.is_some()
             }
-            StartupPacket::Cancel(key) => return Ok(Handshake::Cancel(key)),
-            StartupPacket::Startup(message) => return Ok(Handshake::Startup(message)),
-        }
-        // Data sent before our answer to an encryption request would be a downgrade attack
-        // vector once TLS is offered; refuse it now already.
+            StartupPacket::GssEncRequest if !asked_gss && !stream.is_tls() => {
+                asked_gss = true;
+                false
+            }
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+                let e = ProtocolError::Malformed("repeated encryption request");
+                return Err((Some(stream), e.into()));
+            }
+            StartupPacket::Cancel(key) => {
+                return Ok(Negotiated {
+                    stream,
+                    handshake: Handshake::Cancel(key),
+                })
+            }
+            StartupPacket::Startup(message) => {
+                return Ok(Negotiated {
+                    stream,
+                    handshake: Handshake::Startup(message),
+                })
+            }
+        };
+        // Bytes sent before our answer to an encryption request would travel outside the
+        // TLS session they claim to be in: refuse them.
         if !buf.is_empty() {
-            return Err(ProtocolError::Malformed("data after an encryption request").into());
+            let e = ProtocolError::Malformed("data after an encryption request");
+            return Err((Some(stream), e.into()));
         }
-        stream.write_all(b"N").await?;
+        let answer: &[u8] = if upgrade { b"S" } else { b"N" };
+        if let Err(e) = stream.write_all(answer).await {
+            return Err((None, e.into()));
+        }
+        if upgrade {
+            // Chosen above only for a plain stream with TLS configured.
+            let (ClientStream::Plain(tcp), Some(tls)) = (stream, tls) else {
+                return Err((
+                    None,
+                    std::io::Error::other("TLS upgrade of a TLS stream").into(),
+                ));
+            };
+            match tokio::time::timeout_at(deadline, tls.acceptor().accept(tcp)).await {
+                Ok(Ok(upgraded)) => stream = ClientStream::Tls(Box::new(upgraded)),
+                Ok(Err(e)) => return Err((None, e.into())),
+                Err(_) => return Err((None, HandshakeError::Timeout)),
+            }
+        }
     }
 }

@@ -41,7 +41,8 @@ use crate::metrics::GaugeGuard;
 use crate::pinning::PinReason;
 use crate::pool::{BorrowError, Pool, PoolKey, Target};
 
-use handshake::{handshake, Handshake, HandshakeError};
+use crate::stream::ClientStream;
+use handshake::{handshake, Handshake, HandshakeError, Negotiated};
 
 /// A client that finished setup and is being served.
 pub struct Session {
@@ -100,23 +101,21 @@ impl Session {
 }
 
 /// Serves one accepted client connection until it closes.
-pub async fn run(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr) {
+pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
     let _open = GaugeGuard::new(app.metrics.client_connections.clone());
     app.metrics.client_connections_received.inc();
     // Small messages must not wait for Nagle.
-    let _ = stream.set_nodelay(true);
-    let span =
-        info_span!("client", %peer, user = tracing::field::Empty, database = tracing::field::Empty);
+    let _ = tcp.set_nodelay(true);
+    let span = info_span!("client", %peer, user = tracing::field::Empty, database = tracing::field::Empty, tls = tracing::field::Empty);
     async move {
         let mut buf = BytesMut::with_capacity(512);
         let deadline = Instant::now() + app.config.server.startup_timeout;
-        let message = match tokio::time::timeout_at(
-            deadline.into(),
-            handshake(&mut stream, &mut buf),
-        )
-        .await
-        {
-            Ok(Ok(Handshake::Cancel(key))) => {
+        let negotiated = handshake(tcp, &mut buf, app.tls.as_ref(), deadline.into()).await;
+        let (mut stream, message) = match negotiated {
+            Ok(Negotiated {
+                handshake: Handshake::Cancel(key),
+                ..
+            }) => {
                 let outcome = app.cancels.cancel(key).await;
                 app.metrics
                     .cancels
@@ -125,26 +124,35 @@ pub async fn run(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr) {
                 debug!(outcome = outcome.as_str(), "cancel request");
                 return;
             }
-            Ok(Ok(Handshake::Startup(message))) => message,
-            Ok(Err(HandshakeError::Protocol(e))) => {
-                fail(
-                    &app,
-                    &mut stream,
-                    &ErrorReport::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()).into(),
-                )
-                .await;
-                return;
-            }
-            Ok(Err(_)) => return,
-            Err(_) => {
-                let report = ErrorReport::fatal(
-                    sqlstate::PROTOCOL_VIOLATION,
-                    "startup packet not received in time",
-                );
+            Ok(Negotiated {
+                stream,
+                handshake: Handshake::Startup(message),
+            }) => (stream, message),
+            Err((
+                Some(mut stream),
+                e @ (HandshakeError::Protocol(_) | HandshakeError::Timeout),
+            )) => {
+                let report = ErrorReport::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string());
                 fail(&app, &mut stream, &report.into()).await;
                 return;
             }
+            Err(_) => {
+                app.metrics
+                    .client_setups
+                    .with_label_values(&["failed"])
+                    .inc();
+                return;
+            }
         };
+        tracing::Span::current().record("tls", stream.is_tls());
+        if app.config.server.require_tls && !stream.is_tls() {
+            let report = ErrorReport::fatal(
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                "pgwarden requires TLS: connect with sslmode=require or stronger",
+            );
+            fail(&app, &mut stream, &report.into()).await;
+            return;
+        }
         let setup = tokio::time::timeout_at(
             deadline.into(),
             establish(&app, &mut stream, &mut buf, &message),
@@ -226,7 +234,7 @@ impl Failure {
     }
 }
 
-async fn fail(app: &App, stream: &mut TcpStream, failure: &Failure) {
+async fn fail(app: &App, stream: &mut ClientStream, failure: &Failure) {
     app.metrics
         .client_setups
         .with_label_values(&["failed"])
@@ -234,6 +242,7 @@ async fn fail(app: &App, stream: &mut TcpStream, failure: &Failure) {
     let mut out = BytesMut::new();
     failure.encode(&mut out);
     let _ = stream.write_all(&out).await;
+    let _ = stream.flush().await;
     let _ = stream.shutdown().await;
 }
 
@@ -241,7 +250,7 @@ async fn fail(app: &App, stream: &mut TcpStream, failure: &Failure) {
 /// pool that will serve it. Bounded by the startup timeout.
 async fn establish(
     app: &Arc<App>,
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     buf: &mut BytesMut,
     message: &StartupMessage,
 ) -> Result<Arc<Pool>, Failure> {
@@ -269,6 +278,7 @@ async fn establish(
     if message.minor_version > 0 || !message.protocol_options.is_empty() {
         backend::negotiate_protocol_version(&mut out, &message.protocol_options);
         stream.write_all(&out).await.map_err(|_| closed())?;
+        stream.flush().await.map_err(|_| closed())?;
         out.clear();
     }
     if let Err(failure) = authenticate::authenticate(stream, buf, &target.credentials, user).await {
@@ -291,7 +301,7 @@ async fn establish(
 /// borrowed when the pool's parameters are not cached yet, and kept in session mode.
 async fn start_session(
     app: &Arc<App>,
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     pool: Arc<Pool>,
     message: &StartupMessage,
 ) -> Result<(Session, Option<BackendConn>), Failure> {
@@ -369,6 +379,7 @@ async fn start_session(
     backend::backend_key_data(&mut out, cancel.key());
     backend::ready_for_query(&mut out, backend::IDLE);
     stream.write_all(&out).await.map_err(|_| closed())?;
+    stream.flush().await.map_err(|_| closed())?;
 
     let queries = app.metrics.queries.with_label_values(&[target.name()]);
     Ok((

@@ -11,13 +11,13 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::Instant;
 
+use crate::stream::ClientStream;
 use bytes::{Buf, BytesMut};
 use pgwarden_protocol::backend::{self, ErrorReport};
 use pgwarden_protocol::frame::FrameWalker;
 use pgwarden_protocol::frontend;
 use pgwarden_protocol::{sqlstate, ProtocolError};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 use tracing::debug;
 
@@ -53,7 +53,7 @@ enum End {
 /// Serves the client until it leaves. `held` is a backend the session already has (session
 /// mode); otherwise one is borrowed at the first message of each transaction.
 pub async fn serve(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     mut cbuf: BytesMut,
     s: &mut Session,
     mut held: Option<BackendConn>,
@@ -69,7 +69,7 @@ pub async fn serve(
                     return;
                 }
                 if let Some(answer) = answer_without_backend(s, &mut cbuf) {
-                    if stream.write_all(&answer).await.is_err() {
+                    if send(stream, &answer).await.is_err() {
                         return;
                     }
                     continue;
@@ -79,7 +79,7 @@ pub async fn serve(
                     Some(Err(failure)) => {
                         let mut out = BytesMut::new();
                         failure.encode(&mut out);
-                        let _ = stream.write_all(&out).await;
+                        let _ = send(stream, &out).await;
                         return;
                     }
                     None => return,
@@ -102,7 +102,7 @@ pub async fn serve(
                     "terminating connection because pgwarden is shutting down",
                 )
                 .encode(&mut out);
-                let _ = stream.write_all(&out).await;
+                let _ = send(stream, &out).await;
                 cleanup::release_after_client(s, backend, tx).await;
                 return;
             }
@@ -113,7 +113,7 @@ pub async fn serve(
             End::ClientProtocol(e) => {
                 let mut out = BytesMut::new();
                 ErrorReport::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()).encode(&mut out);
-                let _ = stream.write_all(&out).await;
+                let _ = send(stream, &out).await;
                 cleanup::release_after_client(s, backend, tx).await;
                 return;
             }
@@ -134,7 +134,7 @@ pub async fn serve(
                         "the database connection was lost in the middle of a message",
                     )
                     .encode(&mut out);
-                    let _ = stream.write_all(&out).await;
+                    let _ = send(stream, &out).await;
                     return;
                 }
             }
@@ -144,7 +144,7 @@ pub async fn serve(
 
 /// Waits, holding no backend and (when idle) no buffer memory, until the client sends
 /// something. Returns false if the client closed or the proxy is shutting down.
-async fn wait_for_client(stream: &mut TcpStream, cbuf: &mut BytesMut, s: &Session) -> bool {
+async fn wait_for_client(stream: &mut ClientStream, cbuf: &mut BytesMut, s: &Session) -> bool {
     if !cbuf.is_empty() {
         return true;
     }
@@ -161,18 +161,24 @@ async fn wait_for_client(stream: &mut TcpStream, cbuf: &mut BytesMut, s: &Sessio
                 let mut out = BytesMut::new();
                 ErrorReport::fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection because pgwarden is shutting down")
                     .encode(&mut out);
-                let _ = stream.write_all(&out).await;
+                let _ = send(stream, &out).await;
                 return false;
             }
         }
         cbuf.reserve(READ_CHUNK);
-        match stream.try_read_buf(cbuf) {
-            Ok(0) => return false,
-            Ok(_) => return true,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(_) => return false,
+        match stream.read_now(cbuf) {
+            Some(Ok(0) | Err(_)) => return false,
+            Some(Ok(_)) => return true,
+            // Readable but no whole TLS record yet.
+            None => continue,
         }
     }
+}
+
+/// Writes and flushes (TLS keeps written bytes until flushed).
+async fn send<W: AsyncWrite + Unpin>(stream: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
 }
 
 fn starts_with_terminate(cbuf: &[u8]) -> bool {
@@ -182,7 +188,7 @@ fn starts_with_terminate(cbuf: &[u8]) -> bool {
 /// Borrows a backend while watching the client: a client that disconnects while queued
 /// leaves the queue at once. Returns `None` if the client left.
 async fn borrow_watching_client(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     cbuf: &mut BytesMut,
     s: &Session,
 ) -> Option<Result<BackendConn, Failure>> {
@@ -197,11 +203,8 @@ async fn borrow_watching_client(
                     return None;
                 }
                 cbuf.reserve(READ_CHUNK);
-                match stream.try_read_buf(cbuf) {
-                    Ok(0) => return None,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => return None,
+                if let Some(Ok(0) | Err(_)) = stream.read_now(cbuf) {
+                    return None;
                 }
             }
         }
@@ -214,6 +217,8 @@ enum Event {
     ToBackend(std::io::Result<usize>),
     FromBackend(std::io::Result<usize>),
     ToClient(std::io::Result<usize>),
+    FlushedClient(std::io::Result<()>),
+    FlushedBackend(std::io::Result<()>),
     /// Shutdown began; noticed once.
     Shutdown,
 }
@@ -228,15 +233,17 @@ fn reserve(buf: &mut BytesMut) {
 }
 
 async fn relay(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     cbuf: &mut BytesMut,
     backend: &mut BackendConn,
     s: &mut Session,
     tx: &mut TxState,
 ) -> End {
-    let (mut client_rd, mut client_wr) = stream.split();
-    let (mut backend_rd, mut backend_wr) = backend.stream.split();
+    let backend_stream = &mut backend.stream;
     let bbuf = &mut backend.read_buf;
+    // TLS buffers written bytes until flushed: flush once an outgoing buffer drains.
+    let mut client_unflushed = false;
+    let mut backend_unflushed = false;
     let mut side = BackendSide {
         statements: &mut backend.statements,
         settings: &mut backend.settings,
@@ -276,7 +283,7 @@ async fn relay(
                 }
             }
         }
-        if tx.backend_fatal && side.to_client.is_empty() {
+        if tx.backend_fatal && side.to_client.is_empty() && !client_unflushed {
             // The FATAL error has reached the client; whatever the client sends next goes
             // to another backend instead of this dying one.
             return End::BackendGone;
@@ -284,6 +291,8 @@ async fn relay(
         let quiet = bbuf.is_empty()
             && side.to_client.is_empty()
             && side.to_backend.is_empty()
+            && !client_unflushed
+            && !backend_unflushed
             && backend_walker.at_boundary()
             && s.client_walker.at_boundary();
         if terminating && quiet {
@@ -312,24 +321,34 @@ async fn relay(
         let read_backend = side.to_client.len() < HIGH_WATER && bbuf.len() < MAX_WAITING_BUFFER;
         let event = poll_fn(|cx| {
             if !side.to_backend.is_empty() && !tx.backend_fatal {
-                if let Poll::Ready(r) = Pin::new(&mut backend_wr).poll_write(cx, side.to_backend) {
+                if let Poll::Ready(r) =
+                    Pin::new(&mut *backend_stream).poll_write(cx, side.to_backend)
+                {
                     return Poll::Ready(Event::ToBackend(r));
+                }
+            } else if backend_unflushed {
+                if let Poll::Ready(r) = Pin::new(&mut *backend_stream).poll_flush(cx) {
+                    return Poll::Ready(Event::FlushedBackend(r));
                 }
             }
             if read_client {
                 reserve(cbuf);
-                if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut client_rd), cx, cbuf) {
+                if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut *stream), cx, cbuf) {
                     return Poll::Ready(Event::FromClient(r));
                 }
             }
             if !side.to_client.is_empty() {
-                if let Poll::Ready(r) = Pin::new(&mut client_wr).poll_write(cx, side.to_client) {
+                if let Poll::Ready(r) = Pin::new(&mut *stream).poll_write(cx, side.to_client) {
                     return Poll::Ready(Event::ToClient(r));
+                }
+            } else if client_unflushed {
+                if let Poll::Ready(r) = Pin::new(&mut *stream).poll_flush(cx) {
+                    return Poll::Ready(Event::FlushedClient(r));
                 }
             }
             if read_backend {
                 reserve(bbuf);
-                if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut backend_rd), cx, bbuf) {
+                if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut *backend_stream), cx, bbuf) {
                     return Poll::Ready(Event::FromBackend(r));
                 }
             }
@@ -349,8 +368,18 @@ async fn relay(
             }
             Event::FromClient(Ok(_)) | Event::FromBackend(Ok(_)) => {}
             Event::Shutdown => shutdown_seen = true,
-            Event::ToBackend(Ok(n)) => side.to_backend.advance(n),
-            Event::ToClient(Ok(n)) => side.to_client.advance(n),
+            Event::ToBackend(Ok(n)) => {
+                side.to_backend.advance(n);
+                backend_unflushed = true;
+            }
+            Event::ToClient(Ok(n)) => {
+                side.to_client.advance(n);
+                client_unflushed = true;
+            }
+            Event::FlushedClient(Ok(())) => client_unflushed = false,
+            Event::FlushedBackend(Ok(())) => backend_unflushed = false,
+            Event::FlushedClient(Err(_)) => return End::ClientGone,
+            Event::FlushedBackend(Err(_)) => return End::BackendGone,
         }
     }
 }
@@ -377,5 +406,5 @@ async fn report_lost_backend<W: AsyncWrite + Unpin>(
         }
         backend::ready_for_query(&mut out, backend::IDLE);
     }
-    client.write_all(&out).await
+    send(client, &out).await
 }
