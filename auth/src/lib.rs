@@ -7,6 +7,8 @@
 
 pub mod backend_login;
 pub mod file_provider;
+pub mod rds_token;
+pub mod rules;
 pub mod scram;
 pub mod secret;
 
