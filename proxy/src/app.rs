@@ -1,11 +1,15 @@
 //! The state every session shares, passed explicitly (never through globals).
 
+use std::collections::HashMap;
 use std::sync::Arc;
+
+use pgwarden_auth::rds_token::{RdsTokenVerifier, VerificationKey};
+use pgwarden_auth::Secret;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::cancel::CancelRegistry;
-use crate::config::Config;
+use crate::config::{Config, IamConfig};
 use crate::credentials::{CredentialStore, StoreError};
 use crate::metrics::Metrics;
 use crate::pool::Target;
@@ -18,6 +22,43 @@ pub enum AppError {
     Credentials(#[from] StoreError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("IAM key {access_key_id}: environment variable {variable} is not set")]
+    IamKey {
+        access_key_id: String,
+        variable: String,
+    },
+}
+
+/// IAM authentication as configured: the token verifier and the authorization rules.
+pub struct Iam {
+    pub verifier: RdsTokenVerifier,
+    pub rules: Vec<pgwarden_auth::rules::Rule>,
+    pub allow_plaintext_on_loopback: bool,
+}
+
+impl Iam {
+    fn new(config: &IamConfig) -> Result<Self, AppError> {
+        let mut keys = HashMap::new();
+        for key in &config.keys {
+            let secret =
+                std::env::var(&key.secret_access_key_env).map_err(|_| AppError::IamKey {
+                    access_key_id: key.access_key_id.clone(),
+                    variable: key.secret_access_key_env.clone(),
+                })?;
+            keys.insert(
+                key.access_key_id.clone(),
+                VerificationKey {
+                    secret: Secret::new(secret),
+                    principal: key.principal.clone(),
+                },
+            );
+        }
+        Ok(Self {
+            verifier: RdsTokenVerifier::new(keys, &config.advertised_hosts, config.max_clock_skew),
+            rules: config.rules.clone(),
+            allow_plaintext_on_loopback: config.allow_plaintext_on_loopback,
+        })
+    }
 }
 
 pub struct App {
@@ -27,6 +68,8 @@ pub struct App {
     pub cancels: Arc<CancelRegistry>,
     /// The TLS offered to clients, if configured.
     pub tls: Option<ServerTls>,
+    /// IAM authentication, if configured.
+    pub iam: Option<Iam>,
     /// Cancelled when pgwarden begins shutting down: idle sessions close at once.
     pub shutdown: CancellationToken,
 }
@@ -47,6 +90,7 @@ impl App {
                 metrics.clone(),
             ));
         }
+        let iam = config.iam.as_ref().map(Iam::new).transpose()?;
         let tls = match &config.server.tls {
             Some(t) => Some(ServerTls::load(&t.cert_path, &t.key_path)?),
             None => None,
@@ -57,6 +101,7 @@ impl App {
             metrics,
             cancels: Arc::new(CancelRegistry::default()),
             tls,
+            iam,
             shutdown: CancellationToken::new(),
         }))
     }

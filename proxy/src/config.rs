@@ -18,6 +18,59 @@ pub struct Config {
     /// `databases` list contains it (or `"*"`).
     #[serde(default)]
     pub targets: Vec<TargetConfig>,
+    /// IAM authentication of clients, for targets with `client_auth = "iam"`.
+    pub iam: Option<IamConfig>,
+}
+
+/// How client IAM tokens are verified and what each principal may do.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IamConfig {
+    /// `rds-token`: tokens as `aws rds generate-db-auth-token` makes them, verified locally
+    /// with the keys below (development and non-AWS environments).
+    pub verifier: IamVerifier,
+    /// The `host:port` names clients reach pgwarden by and sign their tokens for. Required.
+    pub advertised_hosts: Vec<String>,
+    /// How far in the future a token's date may be. Default `60s`.
+    #[serde(default = "defaults::max_clock_skew", with = "humantime_serde")]
+    pub max_clock_skew: Duration,
+    /// Accept tokens on plaintext connections from loopback addresses (local development
+    /// only). Default `false`: tokens are refused without TLS, before they are sent.
+    #[serde(default)]
+    pub allow_plaintext_on_loopback: bool,
+    /// Keys `rds-token` tokens may be signed with.
+    #[serde(default)]
+    pub keys: Vec<IamKeyConfig>,
+    /// Principal ARN patterns → database users. Nothing is allowed unless a rule allows it.
+    #[serde(default)]
+    pub rules: Vec<pgwarden_auth::rules::Rule>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IamVerifier {
+    RdsToken,
+}
+
+/// A signing key pgwarden trusts for `rds-token`, and the principal it stands for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IamKeyConfig {
+    pub access_key_id: String,
+    /// Environment variable holding the secret access key (never the file itself).
+    pub secret_access_key_env: String,
+    /// The principal ARN tokens signed with this key authenticate as.
+    pub principal: String,
+}
+
+/// How clients of a target prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientAuth {
+    /// SCRAM-SHA-256 with the password from the target's credentials (the default).
+    Scram,
+    /// An IAM token as the password, verified per `[iam]` (TLS required).
+    Iam,
 }
 
 /// Listener, admin endpoint and client-facing limits.
@@ -130,6 +183,9 @@ pub struct TargetConfig {
     pub tls: crate::tls::BackendTlsMode,
     /// CA bundle (PEM) for `tls = "verify-full"`, e.g. the RDS CA bundle. Default: none.
     pub ca_path: Option<PathBuf>,
+    /// How clients authenticate: `scram` (default) or `iam`.
+    #[serde(default = "defaults::client_auth")]
+    pub client_auth: ClientAuth,
     /// Where pgwarden's database logins come from.
     pub credentials: CredentialsConfig,
 }
@@ -167,6 +223,12 @@ mod defaults {
     }
     pub fn require_tls() -> bool {
         true
+    }
+    pub fn max_clock_skew() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn client_auth() -> super::ClientAuth {
+        super::ClientAuth::Scram
     }
     pub fn backend_tls() -> crate::tls::BackendTlsMode {
         crate::tls::BackendTlsMode::Prefer
@@ -321,6 +383,11 @@ impl Config {
                     "target {n:?}: max_logins_in_flight must be at least 1"
                 ));
             }
+            if t.client_auth == ClientAuth::Iam && self.iam.is_none() {
+                problems.push(format!(
+                    "target {n:?}: client_auth = \"iam\" needs an [iam] section"
+                ));
+            }
             if t.tls == crate::tls::BackendTlsMode::VerifyFull && t.ca_path.is_none() {
                 problems.push(format!("target {n:?}: tls = \"verify-full\" needs ca_path"));
             }
@@ -343,6 +410,17 @@ impl Config {
                 if d.is_zero() {
                     problems.push(format!("target {n:?}: {field} must be above zero"));
                 }
+            }
+        }
+        if let Some(iam) = &self.iam {
+            if iam.advertised_hosts.is_empty() {
+                problems
+                    .push("iam.advertised_hosts is empty: tokens could match no host".to_owned());
+            }
+            if iam.keys.is_empty() {
+                problems.push(
+                    "iam.verifier = \"rds-token\" needs at least one [[iam.keys]]".to_owned(),
+                );
             }
         }
         if problems.is_empty() {

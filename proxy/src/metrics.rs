@@ -17,6 +17,8 @@ pub struct Metrics {
     pub client_setups: IntCounterVec,
     /// Client authentication failures by reason.
     pub auth_failures: IntCounterVec,
+    /// Client authentications that succeeded, by method (`scram`, `iam`).
+    pub auth_successes: IntCounterVec,
     /// Backend connections open now, by target and state (`idle`, `borrowed`).
     pub backend_connections: IntGaugeVec,
     /// Backend logins by target and outcome (`succeeded`, `failed`).
@@ -78,6 +80,11 @@ impl Metrics {
                 "pgwarden_client_auth_failures_total",
                 "Client authentication failures by reason",
                 &["reason"],
+            ),
+            auth_successes: counter_vec(
+                "pgwarden_client_auth_successes_total",
+                "Client authentications that succeeded, by method",
+                &["method"],
             ),
             backend_connections: register(
                 &r,

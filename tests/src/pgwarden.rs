@@ -40,6 +40,9 @@ pub struct PgwardenOptions {
     /// Serve TLS with a generated certificate (for `localhost` and `127.0.0.1`) and require
     /// it; its CA is at [`Pgwarden::ca_path`]. Without it, plaintext is allowed.
     pub tls: bool,
+    /// Raw TOML appended after the targets (e.g. an `[iam]` section); `__PORT__` in it
+    /// becomes pgwarden's listen port.
+    pub extra_toml: String,
 }
 
 impl Default for PgwardenOptions {
@@ -53,6 +56,7 @@ impl Default for PgwardenOptions {
             extra_target_toml: String::new(),
             extra_server_toml: String::new(),
             tls: false,
+            extra_toml: String::new(),
         }
     }
 }
@@ -375,8 +379,11 @@ max_backend_connections = {max_backend}
 borrow_timeout = {borrow_timeout}
 credentials = {{ provider = "file", path = {credentials} }}
 {extra_target}
+
+{extra_toml}
 "#,
         extra_server = options.extra_server_toml,
+        extra_toml = options.extra_toml.replace("__PORT__", &port.to_string()),
         tls = options.tls,
         tls_table = if options.tls {
             let dir = credentials_dir(credentials_path);

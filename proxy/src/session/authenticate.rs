@@ -139,3 +139,62 @@ async fn read_password_message(
         }
     }
 }
+
+/// Who an IAM-authenticated client is.
+pub struct IamIdentity {
+    pub principal: String,
+    pub rule: String,
+}
+
+/// IAM authentication: the client sends its token as a cleartext password, which is only
+/// asked for over TLS (or plaintext loopback when explicitly allowed), then verified and
+/// checked against the rules. Every decision is logged without the token.
+pub async fn authenticate_iam(
+    stream: &mut ClientStream,
+    buf: &mut BytesMut,
+    iam: &crate::app::Iam,
+    user: &str,
+    peer: std::net::SocketAddr,
+) -> Result<IamIdentity, AuthFailure> {
+    let transport_ok =
+        stream.is_tls() || (iam.allow_plaintext_on_loopback && peer.ip().is_loopback());
+    if !transport_ok {
+        return Err(AuthFailure::new(
+            "token_without_tls",
+            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+            "IAM tokens are accepted only over TLS: connect with sslmode=require or stronger"
+                .to_owned(),
+        ));
+    }
+    let mut out = BytesMut::with_capacity(16);
+    backend::authentication_cleartext(&mut out);
+    send(stream, &out).await?;
+    let body = read_password_message(stream, buf).await?;
+    let token = frontend::parse_password(&body).map_err(protocol)?;
+    let verified = iam
+        .verifier
+        .verify(token, user, std::time::SystemTime::now())
+        .map_err(|e| {
+            AuthFailure::new(
+                e.reason(),
+                sqlstate::INVALID_PASSWORD,
+                format!("IAM authentication failed for user \"{user}\": {e}"),
+            )
+        })?;
+    let rule =
+        pgwarden_auth::rules::authorize(&iam.rules, &verified.principal, user).map_err(|e| {
+            AuthFailure::new(
+                "not_authorized",
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                format!("IAM authorization failed: {e}"),
+            )
+        })?;
+    let identity = IamIdentity {
+        principal: pgwarden_auth::rules::principal_of(&verified.principal),
+        rule: rule.to_owned(),
+    };
+    out.clear();
+    backend::authentication_ok(&mut out);
+    send(stream, &out).await?;
+    Ok(identity)
+}

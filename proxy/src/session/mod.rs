@@ -36,7 +36,7 @@ use tracing::{debug, info, info_span, Instrument};
 use crate::app::App;
 use crate::backend::{BackendConn, ConnectError};
 use crate::cancel::CancelHandle;
-use crate::config::PoolMode;
+use crate::config::{ClientAuth, PoolMode};
 use crate::metrics::GaugeGuard;
 use crate::pinning::PinReason;
 use crate::pool::{BorrowError, Pool, PoolKey, Target};
@@ -155,7 +155,7 @@ pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
         }
         let setup = tokio::time::timeout_at(
             deadline.into(),
-            establish(&app, &mut stream, &mut buf, &message),
+            establish(&app, &mut stream, &mut buf, &message, peer),
         )
         .await;
         let setup = match setup {
@@ -253,6 +253,7 @@ async fn establish(
     stream: &mut ClientStream,
     buf: &mut BytesMut,
     message: &StartupMessage,
+    peer: SocketAddr,
 ) -> Result<Arc<Pool>, Failure> {
     let user = message.user().ok_or_else(|| {
         ErrorReport::fatal(
@@ -281,13 +282,42 @@ async fn establish(
         stream.flush().await.map_err(|_| closed())?;
         out.clear();
     }
-    if let Err(failure) = authenticate::authenticate(stream, buf, &target.credentials, user).await {
-        app.metrics
-            .auth_failures
-            .with_label_values(&[failure.reason])
-            .inc();
-        info!(reason = failure.reason, "client authentication failed");
-        return Err(failure.report.into());
+    let outcome = match (target.config.client_auth, &app.iam) {
+        (ClientAuth::Iam, Some(iam)) => {
+            authenticate::authenticate_iam(stream, buf, iam, user, peer)
+                .await
+                .map(|id| {
+                    info!(principal = %id.principal, rule = %id.rule, "IAM authentication allowed");
+                    "iam"
+                })
+        }
+        (ClientAuth::Iam, None) => Err(authenticate::AuthFailure {
+            report: ErrorReport::fatal(
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                "IAM authentication is not configured",
+            ),
+            reason: "iam_not_configured",
+        }),
+        (ClientAuth::Scram, _) => {
+            authenticate::authenticate(stream, buf, &target.credentials, user)
+                .await
+                .map(|()| "scram")
+        }
+    };
+    match outcome {
+        Ok(method) => app
+            .metrics
+            .auth_successes
+            .with_label_values(&[method])
+            .inc(),
+        Err(failure) => {
+            app.metrics
+                .auth_failures
+                .with_label_values(&[failure.reason])
+                .inc();
+            info!(reason = failure.reason, "client authentication failed");
+            return Err(failure.report.into());
+        }
     }
 
     Ok(target.pool(PoolKey {
