@@ -70,6 +70,8 @@ pub struct App {
     pub tls: Option<ServerTls>,
     /// IAM authentication, if configured.
     pub iam: Option<Iam>,
+    /// Failed-authentication limits per address and user.
+    pub auth_limiter: crate::auth_limit::AuthLimiter,
     /// Cancelled when pgwarden begins shutting down: idle sessions close at once.
     pub shutdown: CancellationToken,
 }
@@ -91,6 +93,10 @@ impl App {
             ));
         }
         let iam = config.iam.as_ref().map(Iam::new).transpose()?;
+        let auth_limiter = crate::auth_limit::AuthLimiter::new(
+            config.server.max_auth_failures,
+            config.server.auth_failure_window,
+        );
         let tls = match &config.server.tls {
             Some(t) => Some(ServerTls::load(&t.cert_path, &t.key_path)?),
             None => None,
@@ -100,6 +106,7 @@ impl App {
             targets,
             metrics,
             cancels: Arc::new(CancelRegistry::default()),
+            auth_limiter,
             tls,
             iam,
             shutdown: CancellationToken::new(),

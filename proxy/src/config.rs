@@ -93,6 +93,14 @@ pub struct ServerConfig {
     /// Time to wait for in-flight transactions on shutdown before closing. Default `30s`.
     #[serde(default = "defaults::shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Failed authentications allowed per source address and per database user within
+    /// `auth_failure_window`; over it, attempts are refused (28000) until the window ends.
+    /// Default 20; 0 disables.
+    #[serde(default = "defaults::max_auth_failures")]
+    pub max_auth_failures: u32,
+    /// The window of `max_auth_failures`. Default `1m`.
+    #[serde(default = "defaults::auth_failure_window", with = "humantime_serde")]
+    pub auth_failure_window: Duration,
     /// Refuse clients that do not use TLS (SQLSTATE 28000). Default `true`; needs
     /// `[server.tls]`. Set to `false` only on a trusted network or loopback.
     #[serde(default = "defaults::require_tls")]
@@ -223,6 +231,12 @@ mod defaults {
     }
     pub fn require_tls() -> bool {
         true
+    }
+    pub fn max_auth_failures() -> u32 {
+        20
+    }
+    pub fn auth_failure_window() -> Duration {
+        Duration::from_secs(60)
     }
     pub fn max_clock_skew() -> Duration {
         Duration::from_secs(60)

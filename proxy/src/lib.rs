@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod auth_limit;
 pub mod backend;
 pub mod cancel;
 pub mod config;

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     /// Client authentications that succeeded, by method (`scram`, `iam`).
     pub auth_successes: IntCounterVec,
+    /// Authentication attempts refused by the failure rate limit, by scope.
+    pub auth_rate_limited: IntCounterVec,
     /// Backend connections open now, by target and state (`idle`, `borrowed`).
     pub backend_connections: IntGaugeVec,
     /// Backend logins by target and outcome (`succeeded`, `failed`).
@@ -85,6 +87,11 @@ impl Metrics {
                 "pgwarden_client_auth_successes_total",
                 "Client authentications that succeeded, by method",
                 &["method"],
+            ),
+            auth_rate_limited: counter_vec(
+                "pgwarden_client_auth_rate_limited_total",
+                "Authentication attempts refused by the failure rate limit, by scope",
+                &["scope"],
             ),
             backend_connections: register(
                 &r,

@@ -255,3 +255,50 @@ async fn wrong_password_is_28p01_and_other_clients_keep_working() {
         "auth failures counted: {failures:?}"
     );
 }
+
+#[tokio::test]
+async fn repeated_failed_logins_are_rate_limited_per_address_without_affecting_others() {
+    let cluster = PgCluster::start();
+    let pgwarden = Pgwarden::start(
+        &cluster,
+        PgwardenOptions {
+            extra_server_toml: "max_auth_failures = 3\nauth_failure_window = \"1m\"".into(),
+            ..PgwardenOptions::default()
+        },
+    )
+    .await;
+    let established = pgwarden.connect("app", "app-pw", "app").await;
+    for _ in 0..3 {
+        let Err(err) = pgwarden.try_connect("app", "wrong", "app").await else {
+            panic!("wrong password accepted");
+        };
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD)
+        );
+    }
+    // Over the limit: refused before any password exchange, even with the right one.
+    let Err(err) = pgwarden.try_connect("app", "app-pw", "app").await else {
+        panic!("the limit must refuse further attempts");
+    };
+    let db = err.as_db_error().expect("error response");
+    assert_eq!(
+        db.code(),
+        &tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+    );
+    assert!(
+        db.message()
+            .contains("too many failed authentication attempts"),
+        "{}",
+        db.message()
+    );
+    established
+        .simple_query("select 1")
+        .await
+        .expect("connected clients are unaffected");
+    let metrics = pgwarden.metrics().await;
+    assert!(
+        metrics.contains("pgwarden_client_auth_rate_limited_total{scope=\"address\"} 1"),
+        "{metrics}"
+    );
+}

@@ -282,6 +282,25 @@ async fn establish(
         stream.flush().await.map_err(|_| closed())?;
         out.clear();
     }
+    let scopes = [
+        crate::auth_limit::Scope::Address(peer.ip()),
+        crate::auth_limit::Scope::User(user.to_owned()),
+    ];
+    if let Some(scope) = app.auth_limiter.blocked(&scopes, Instant::now()) {
+        app.metrics
+            .auth_rate_limited
+            .with_label_values(&[scope.label()])
+            .inc();
+        info!(
+            scope = scope.label(),
+            "authentication refused: too many recent failures"
+        );
+        return Err(ErrorReport::fatal(
+            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+            "too many failed authentication attempts; retry later",
+        )
+        .into());
+    }
     let outcome = match (target.config.client_auth, &app.iam) {
         (ClientAuth::Iam, Some(iam)) => {
             authenticate::authenticate_iam(stream, buf, iam, user, peer)
@@ -311,6 +330,9 @@ async fn establish(
             .with_label_values(&[method])
             .inc(),
         Err(failure) => {
+            if failure.reason != "client_disconnected" {
+                app.auth_limiter.record_failure(&scopes, Instant::now());
+            }
             app.metrics
                 .auth_failures
                 .with_label_values(&[failure.reason])
