@@ -11,6 +11,7 @@ pub mod rds_token;
 pub mod rules;
 pub mod scram;
 pub mod secret;
+pub mod sts_token;
 
 pub use backend_login::{BackendLogin, LoginError, LoginStep};
 pub use file_provider::{CredentialsError, DbUser, FileCredentials};
