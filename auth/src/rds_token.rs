@@ -47,6 +47,8 @@ pub enum TokenError {
     NotYetValid,
     #[error("token signature does not match")]
     BadSignature,
+    #[error("the token could not be verified with STS: {0}")]
+    Unverifiable(String),
 }
 
 impl TokenError {
@@ -60,6 +62,7 @@ impl TokenError {
             TokenError::Expired => "token_expired",
             TokenError::NotYetValid => "token_not_yet_valid",
             TokenError::BadSignature => "token_bad_signature",
+            TokenError::Unverifiable(_) => "sts_unavailable",
         }
     }
 }

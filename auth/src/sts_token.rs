@@ -112,6 +112,10 @@ fn split_authority(authority: &str, https: bool) -> Option<(String, u16)> {
 pub struct StsRequest {
     /// The presigned URL to execute (GET), as the client signed it.
     pub url: String,
+    /// `host[:port]` exactly as in the URL: the signed Host header.
+    pub authority: String,
+    /// `/?query`, the request target.
+    pub path_and_query: String,
     pub endpoint: Endpoint,
     pub expires_at: SystemTime,
 }
@@ -231,7 +235,9 @@ pub fn check(
         return Err(TokenError::NotYetValid);
     }
     Ok(StsRequest {
-        url,
+        authority: authority.to_owned(),
+        path_and_query: path_query.to_owned(),
+        url: url.clone(),
         endpoint,
         expires_at,
     })

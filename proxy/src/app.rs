@@ -9,11 +9,12 @@ use pgwarden_auth::Secret;
 use tokio_util::sync::CancellationToken;
 
 use crate::cancel::CancelRegistry;
-use crate::config::{Config, IamConfig};
+use crate::config::{Config, IamConfig, IamVerifier};
 use crate::credentials::{CredentialStore, StoreError};
 use crate::metrics::Metrics;
 use crate::pool::Target;
 use crate::tls::{self, ServerTls, TlsError};
+use pgwarden_auth::sts_token::Endpoint;
 
 /// Why the shared state could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,8 @@ pub enum AppError {
     Credentials(#[from] StoreError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("iam.sts_endpoints: {0}")]
+    StsEndpoint(String),
     #[error("IAM key {access_key_id}: environment variable {variable} is not set")]
     IamKey {
         access_key_id: String,
@@ -29,15 +32,60 @@ pub enum AppError {
     },
 }
 
+/// How tokens are verified.
+pub enum TokenVerifier {
+    RdsToken(RdsTokenVerifier),
+    Sts(crate::sts::StsVerifier),
+}
+
+impl TokenVerifier {
+    /// The principal ARN a valid token for `db_user` stands for.
+    pub async fn verify(
+        &self,
+        token: &str,
+        db_user: &str,
+    ) -> Result<String, pgwarden_auth::rds_token::TokenError> {
+        let now = std::time::SystemTime::now();
+        match self {
+            TokenVerifier::RdsToken(v) => v.verify(token, db_user, now).map(|v| v.principal),
+            TokenVerifier::Sts(v) => v.verify(token, db_user, now).await,
+        }
+    }
+}
+
 /// IAM authentication as configured: the token verifier and the authorization rules.
 pub struct Iam {
-    pub verifier: RdsTokenVerifier,
+    pub verifier: TokenVerifier,
     pub rules: Vec<pgwarden_auth::rules::Rule>,
     pub allow_plaintext_on_loopback: bool,
 }
 
 impl Iam {
-    fn new(config: &IamConfig) -> Result<Self, AppError> {
+    fn new(config: &IamConfig, metrics: &Metrics) -> Result<Self, AppError> {
+        let verifier = match config.verifier {
+            IamVerifier::RdsToken => TokenVerifier::RdsToken(Self::rds_verifier(config)?),
+            IamVerifier::Sts => {
+                let mut allowed = Endpoint::aws(&config.sts_regions);
+                for endpoint in &config.sts_endpoints {
+                    allowed.push(Endpoint::parse(endpoint).map_err(AppError::StsEndpoint)?);
+                }
+                TokenVerifier::Sts(crate::sts::StsVerifier::new(
+                    allowed,
+                    config.server_id.clone().unwrap_or_default(),
+                    config.sts_timeout,
+                    config.max_clock_skew,
+                    metrics.sts_requests.clone(),
+                ))
+            }
+        };
+        Ok(Self {
+            verifier,
+            rules: config.rules.clone(),
+            allow_plaintext_on_loopback: config.allow_plaintext_on_loopback,
+        })
+    }
+
+    fn rds_verifier(config: &IamConfig) -> Result<RdsTokenVerifier, AppError> {
         let mut keys = HashMap::new();
         for key in &config.keys {
             let secret =
@@ -53,11 +101,11 @@ impl Iam {
                 },
             );
         }
-        Ok(Self {
-            verifier: RdsTokenVerifier::new(keys, &config.advertised_hosts, config.max_clock_skew),
-            rules: config.rules.clone(),
-            allow_plaintext_on_loopback: config.allow_plaintext_on_loopback,
-        })
+        Ok(RdsTokenVerifier::new(
+            keys,
+            &config.advertised_hosts,
+            config.max_clock_skew,
+        ))
     }
 }
 
@@ -92,7 +140,11 @@ impl App {
                 metrics.clone(),
             ));
         }
-        let iam = config.iam.as_ref().map(Iam::new).transpose()?;
+        let iam = config
+            .iam
+            .as_ref()
+            .map(|c| Iam::new(c, &metrics))
+            .transpose()?;
         let auth_limiter = crate::auth_limit::AuthLimiter::new(
             config.server.max_auth_failures,
             config.server.auth_failure_window,

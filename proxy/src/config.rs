@@ -26,11 +26,27 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IamConfig {
-    /// `rds-token`: tokens as `aws rds generate-db-auth-token` makes them, verified locally
-    /// with the keys below (development and non-AWS environments).
+    /// `sts`: presigned STS GetCallerIdentity requests, executed against an allow-listed
+    /// STS endpoint (any IAM principal, Lambda roles included). `rds-token`: tokens as
+    /// `aws rds generate-db-auth-token` makes them, verified locally with the keys below
+    /// (development and non-AWS environments).
     pub verifier: IamVerifier,
-    /// The `host:port` names clients reach pgwarden by and sign their tokens for. Required.
+    /// `rds-token`: the `host:port` names clients reach pgwarden by and sign tokens for.
+    #[serde(default)]
     pub advertised_hosts: Vec<String>,
+    /// `sts`: this deployment's id, bound into every token (a token made for another
+    /// deployment does not verify here). Required for `sts`.
+    pub server_id: Option<String>,
+    /// `sts`: AWS regions whose STS endpoints tokens may use (the global endpoint is always
+    /// allowed). Default `[]`.
+    #[serde(default)]
+    pub sts_regions: Vec<String>,
+    /// `sts`: further endpoints, e.g. a local emulator (`http://` only on loopback).
+    #[serde(default)]
+    pub sts_endpoints: Vec<String>,
+    /// `sts`: time limit for one STS call. Default `5s`.
+    #[serde(default = "defaults::sts_timeout", with = "humantime_serde")]
+    pub sts_timeout: Duration,
     /// How far in the future a token's date may be. Default `60s`.
     #[serde(default = "defaults::max_clock_skew", with = "humantime_serde")]
     pub max_clock_skew: Duration,
@@ -50,6 +66,7 @@ pub struct IamConfig {
 #[serde(rename_all = "kebab-case")]
 pub enum IamVerifier {
     RdsToken,
+    Sts,
 }
 
 /// A signing key pgwarden trusts for `rds-token`, and the principal it stands for.
@@ -237,6 +254,9 @@ mod defaults {
     }
     pub fn auth_failure_window() -> Duration {
         Duration::from_secs(60)
+    }
+    pub fn sts_timeout() -> Duration {
+        Duration::from_secs(5)
     }
     pub fn max_clock_skew() -> Duration {
         Duration::from_secs(60)
@@ -427,14 +447,30 @@ impl Config {
             }
         }
         if let Some(iam) = &self.iam {
-            if iam.advertised_hosts.is_empty() {
-                problems
-                    .push("iam.advertised_hosts is empty: tokens could match no host".to_owned());
-            }
-            if iam.keys.is_empty() {
-                problems.push(
-                    "iam.verifier = \"rds-token\" needs at least one [[iam.keys]]".to_owned(),
-                );
+            match iam.verifier {
+                IamVerifier::RdsToken => {
+                    if iam.advertised_hosts.is_empty() {
+                        problems.push(
+                            "iam.advertised_hosts is empty: tokens could match no host".to_owned(),
+                        );
+                    }
+                    if iam.keys.is_empty() {
+                        problems.push(
+                            "iam.verifier = \"rds-token\" needs at least one [[iam.keys]]"
+                                .to_owned(),
+                        );
+                    }
+                }
+                IamVerifier::Sts => {
+                    if iam.server_id.as_deref().unwrap_or("").is_empty() {
+                        problems.push("iam.verifier = \"sts\" needs iam.server_id".to_owned());
+                    }
+                    for endpoint in &iam.sts_endpoints {
+                        if let Err(e) = pgwarden_auth::sts_token::Endpoint::parse(endpoint) {
+                            problems.push(format!("iam.sts_endpoints: {e}"));
+                        }
+                    }
+                }
             }
         }
         if problems.is_empty() {

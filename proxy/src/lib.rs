@@ -20,6 +20,7 @@ pub mod pool;
 pub mod server;
 pub mod session;
 pub mod stream;
+pub mod sts;
 pub mod tls;
 
 pub use app::App;

@@ -21,6 +21,9 @@ pub struct Metrics {
     pub auth_successes: IntCounterVec,
     /// Authentication attempts refused by the failure rate limit, by scope.
     pub auth_rate_limited: IntCounterVec,
+    /// STS token verifications by outcome (`verified`, `refused`, `cached`, `unreachable`,
+    /// `timeout`).
+    pub sts_requests: IntCounterVec,
     /// Backend connections open now, by target and state (`idle`, `borrowed`).
     pub backend_connections: IntGaugeVec,
     /// Backend logins by target and outcome (`succeeded`, `failed`).
@@ -92,6 +95,11 @@ impl Metrics {
                 "pgwarden_client_auth_rate_limited_total",
                 "Authentication attempts refused by the failure rate limit, by scope",
                 &["scope"],
+            ),
+            sts_requests: counter_vec(
+                "pgwarden_sts_requests_total",
+                "STS token verifications by outcome",
+                &["outcome"],
             ),
             backend_connections: register(
                 &r,

@@ -171,26 +171,28 @@ pub async fn authenticate_iam(
     send(stream, &out).await?;
     let body = read_password_message(stream, buf).await?;
     let token = frontend::parse_password(&body).map_err(protocol)?;
-    let verified = iam
-        .verifier
-        .verify(token, user, std::time::SystemTime::now())
-        .map_err(|e| {
-            AuthFailure::new(
-                e.reason(),
-                sqlstate::INVALID_PASSWORD,
-                format!("IAM authentication failed for user \"{user}\": {e}"),
-            )
-        })?;
-    let rule =
-        pgwarden_auth::rules::authorize(&iam.rules, &verified.principal, user).map_err(|e| {
-            AuthFailure::new(
-                "not_authorized",
-                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-                format!("IAM authorization failed: {e}"),
-            )
-        })?;
+    let principal = iam.verifier.verify(token, user).await.map_err(|e| {
+        let code = match e {
+            pgwarden_auth::rds_token::TokenError::Unverifiable(_) => {
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION
+            }
+            _ => sqlstate::INVALID_PASSWORD,
+        };
+        AuthFailure::new(
+            e.reason(),
+            code,
+            format!("IAM authentication failed for user \"{user}\": {e}"),
+        )
+    })?;
+    let rule = pgwarden_auth::rules::authorize(&iam.rules, &principal, user).map_err(|e| {
+        AuthFailure::new(
+            "not_authorized",
+            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+            format!("IAM authorization failed: {e}"),
+        )
+    })?;
     let identity = IamIdentity {
-        principal: pgwarden_auth::rules::principal_of(&verified.principal),
+        principal: pgwarden_auth::rules::principal_of(&principal),
         rule: rule.to_owned(),
     };
     out.clear();
