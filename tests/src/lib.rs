@@ -6,6 +6,7 @@
 //! It knows pgwarden only from the outside — its binary, config format and admin HTTP port —
 //! so the tests prove what an operator would see, not how the proxy is built.
 
+mod aws;
 mod cluster;
 mod http;
 mod pgwarden;
@@ -15,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use self::pgwarden::workspace_root;
+pub use aws::{python, AwsEmulator, Identities};
 pub use cluster::PgCluster;
 pub use pgwarden::{binary_path as pgwarden_binary, Pgwarden, PgwardenOptions};
 

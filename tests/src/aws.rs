@@ -1,0 +1,144 @@
+//! The local AWS API emulator (moto plus pgwarden's launcher shim, which checks presigned
+//! STS signatures), one per test binary, and the Python helpers that make IAM identities
+//! and SDK-made tokens in it.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The virtualenv Python that `scripts/setup` installs (psycopg, moto, boto3).
+pub fn python() -> PathBuf {
+    let path = std::env::var_os("PGWARDEN_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::workspace_root().join(".cache/venv/bin/python"));
+    assert!(
+        path.exists(),
+        "no Python with the test clients at {}: run scripts/setup",
+        path.display()
+    );
+    path
+}
+
+fn script(name: &str) -> PathBuf {
+    crate::workspace_root().join("tests").join(name)
+}
+
+/// A running emulator. The child's stdin stays open for the life of the test process; the
+/// launcher exits when it closes, however the process ends (statics are never dropped).
+pub struct AwsEmulator {
+    endpoint: String,
+    _child: Mutex<Child>,
+}
+
+impl AwsEmulator {
+    /// The emulator shared by every test of this binary, started on first use.
+    pub fn shared() -> &'static AwsEmulator {
+        static EMULATOR: OnceLock<AwsEmulator> = OnceLock::new();
+        EMULATOR.get_or_init(AwsEmulator::start)
+    }
+
+    fn start() -> AwsEmulator {
+        let mut child = Command::new(python())
+            .arg(script("aws-emulator/moto_launcher.py"))
+            .args(["--port", "0", "--verify-sts", "--exit-on-stdin-eof"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the AWS emulator");
+        let stdout = child.stdout.take().expect("emulator stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the AWS emulator printed READY within 30 s");
+        let endpoint = line
+            .trim()
+            .strip_prefix("READY ")
+            .unwrap_or_else(|| panic!("unexpected emulator output {line:?}"))
+            .to_owned();
+        AwsEmulator {
+            endpoint,
+            _child: Mutex::new(child),
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// A new IAM user key and an assumed-role session of `role` (JSON from the helper).
+    pub fn identities(&self, role: &str) -> Identities {
+        let out = Command::new(python())
+            .arg(script("python/sts_identity.py"))
+            .args([&self.endpoint, role])
+            .output()
+            .expect("run sts_identity.py");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let field = |object: &str, name: &str| -> String {
+            let start = text.find(&format!("\"{object}\"")).expect("object");
+            let rest = &text[start..];
+            let key = format!("\"{name}\": \"");
+            let at = rest.find(&key).expect("field") + key.len();
+            rest[at..rest[at..].find('"').expect("end") + at].to_owned()
+        };
+        Identities {
+            user_key_id: field("user", "id"),
+            user_secret: field("user", "secret"),
+            role_key_id: field("role", "id"),
+            role_secret: field("role", "secret"),
+            role_session_token: field("role", "token"),
+        }
+    }
+
+    /// A token made with boto3 (the README's Lambda recipe).
+    pub fn boto3_token(
+        &self,
+        key_id: &str,
+        secret: &str,
+        session: Option<&str>,
+        server_id: &str,
+        db_user: &str,
+    ) -> String {
+        let out = Command::new(python())
+            .arg(script("python/sts_token.py"))
+            .args([
+                &self.endpoint,
+                key_id,
+                secret,
+                session.unwrap_or("-"),
+                server_id,
+                db_user,
+            ])
+            .output()
+            .expect("run sts_token.py");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+/// Credentials the emulator issued.
+pub struct Identities {
+    pub user_key_id: String,
+    pub user_secret: String,
+    pub role_key_id: String,
+    pub role_secret: String,
+    pub role_session_token: String,
+}
