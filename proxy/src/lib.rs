@@ -22,6 +22,7 @@ pub mod session;
 pub mod stream;
 pub mod sts;
 pub mod tls;
+pub mod token_cli;
 
 pub use app::App;
 pub use config::Config;

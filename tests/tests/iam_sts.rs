@@ -305,3 +305,46 @@ async fn a_burst_of_500_tls_logins_with_one_token_makes_one_sts_call() {
     let logins = metric_sum(&metrics, "pgwarden_client_auth_successes_total").unwrap_or(0.0);
     assert!(logins >= 500.0, "{logins} logins");
 }
+
+#[tokio::test]
+async fn pgwarden_token_signs_with_the_default_credential_chain() {
+    let (_cluster, pgwarden, emulator) = start(false, true).await;
+    let ids = emulator.identities("orders-cli");
+    let out = Command::new(pgwarden_tests::pgwarden_binary())
+        .args([
+            "token",
+            "--mode",
+            "sts",
+            "--user",
+            "app",
+            "--server-id",
+            SERVER_ID,
+        ])
+        .args([
+            "--sts-endpoint",
+            emulator.endpoint(),
+            "--region",
+            "us-east-1",
+        ])
+        // The environment link of the chain; nothing else may answer.
+        .env("AWS_ACCESS_KEY_ID", &ids.role_key_id)
+        .env("AWS_SECRET_ACCESS_KEY", &ids.role_secret)
+        .env("AWS_SESSION_TOKEN", &ids.role_session_token)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .output()
+        .expect("pgwarden token");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(token.starts_with("pgwarden-sts:"), "{token}");
+    let client = pgwarden
+        .try_connect("app", &token, "app")
+        .await
+        .expect("the CLI's token works");
+    client.simple_query("select 1").await.expect("query");
+}
