@@ -14,6 +14,10 @@ use crate::server::{termination_signal, Server};
 
 /// The database user and database the demo creates.
 const DEMO_USER: &str = "demo";
+/// A second database, served to IAM-token logins.
+const DEMO_IAM_DATABASE: &str = "demo_iam";
+const DEMO_IAM_SECRET_ENV: &str = "PGWARDEN_DEMO_IAM_SECRET";
+const DEMO_IAM_PRINCIPAL: &str = "arn:aws:iam::000000000000:user/demo";
 
 /// Runs the demo until SIGINT/SIGTERM.
 pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result<()> {
@@ -24,6 +28,19 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result
         "CREATE ROLE {DEMO_USER} LOGIN PASSWORD '{password}';"
     ))?;
     cluster.psql(&format!("CREATE DATABASE {DEMO_USER} OWNER {DEMO_USER};"))?;
+    cluster.psql(&format!(
+        "CREATE DATABASE {DEMO_IAM_DATABASE} OWNER {DEMO_USER};"
+    ))?;
+    // A throwaway IAM key for trying `rds-token` logins; pgwarden reads secrets from the
+    // environment, so the demo puts it there before anything else runs.
+    let iam_key_id = format!(
+        "AKIADEMO{}",
+        Alphanumeric
+            .sample_string(&mut rand::thread_rng(), 12)
+            .to_uppercase()
+    );
+    let iam_secret = Alphanumeric.sample_string(&mut rand::thread_rng(), 40);
+    std::env::set_var(DEMO_IAM_SECRET_ENV, &iam_secret);
     // TLS as in production: an ECDSA P-256 certificate for localhost, made for this run.
     let certs = crate::tls::generate_certificates(&["localhost", "127.0.0.1"])?;
     let cert_path = cluster.dir.path().join("pgwarden.crt");
@@ -51,10 +68,35 @@ key_path = {key_path:?}
 name = "demo"
 host = "127.0.0.1"
 port = {port}
+databases = ["{DEMO_USER}"]
 pool_size = 10
 credentials = {{ provider = "file", path = {users:?} }}
+
+[[targets]]
+name = "demo-iam"
+host = "127.0.0.1"
+port = {port}
+databases = ["{DEMO_IAM_DATABASE}"]
+pool_size = 5
+client_auth = "iam"
+credentials = {{ provider = "file", path = {users:?} }}
+
+[iam]
+verifier = "rds-token"
+advertised_hosts = ["localhost:{listen_port}", "{listen_ip}:{listen_port}"]
+
+[[iam.keys]]
+access_key_id = "{iam_key_id}"
+secret_access_key_env = "{DEMO_IAM_SECRET_ENV}"
+principal = "{DEMO_IAM_PRINCIPAL}"
+
+[[iam.rules]]
+principal = "{DEMO_IAM_PRINCIPAL}"
+database_users = ["{DEMO_USER}"]
 "#,
         port = cluster.port,
+        listen_port = listen.port(),
+        listen_ip = listen.ip(),
     ))?;
     let server = Server::bind(config).await?;
     tracing::info!(dir = %cluster.dir.path().display(), port = cluster.port, "demo Postgres cluster started");
@@ -64,6 +106,9 @@ credentials = {{ provider = "file", path = {users:?} }}
         server.listen.port()
     );
     println!("http://{}/metrics", server.admin);
+    println!(
+        "AWS_ACCESS_KEY_ID={iam_key_id} AWS_SECRET_ACCESS_KEY={iam_secret} AWS_REGION=us-east-1"
+    );
     let shutdown = server.app.shutdown.clone();
     tokio::spawn(async move {
         termination_signal().await;

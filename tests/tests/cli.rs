@@ -78,6 +78,8 @@ async fn demo_serves_the_connection_string_it_prints_and_cleans_up_on_sigterm() 
     stdout.read_line(&mut dsn).expect("first line");
     let mut metrics_url = String::new();
     stdout.read_line(&mut metrics_url).expect("second line");
+    let mut iam_line = String::new();
+    stdout.read_line(&mut iam_line).expect("third line");
     let dsn = dsn.trim().to_owned();
     assert!(
         dsn.starts_with("postgresql://"),
@@ -105,6 +107,61 @@ async fn demo_serves_the_connection_string_it_prints_and_cleans_up_on_sigterm() 
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "demo");
     // Plaintext is refused: TLS is required.
+    // An IAM token login to the IAM database, as the README shows it.
+    let iam_env: Vec<(String, String)> = iam_line
+        .split_whitespace()
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        })
+        .collect();
+    assert_eq!(
+        iam_env.len(),
+        3,
+        "third line holds the demo's IAM key: {iam_line:?}"
+    );
+    let token = Command::new(pgwarden_binary())
+        .args([
+            "token",
+            "--mode",
+            "rds-token",
+            "--host",
+            "localhost",
+            "--port",
+            &port.to_string(),
+            "--user",
+            "demo",
+        ])
+        .envs(iam_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .output()
+        .expect("pgwarden token");
+    assert!(
+        token.status.success(),
+        "{}",
+        String::from_utf8_lossy(&token.stderr)
+    );
+    let iam_login = Command::new(pgwarden_tests::pg_bindir().join("psql"))
+        .args([
+            "-XAtq",
+            &format!("host=localhost port={port} dbname=demo_iam user=demo sslmode=require"),
+            "-c",
+            "select current_database()",
+        ])
+        .env("PGPASSWORD", String::from_utf8_lossy(&token.stdout).trim())
+        .output()
+        .expect("psql with a token");
+    assert!(
+        iam_login.status.success(),
+        "{}",
+        String::from_utf8_lossy(&iam_login.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&iam_login.stdout).trim(),
+        "demo_iam"
+    );
     let refused = psql(&dsn.replace("sslmode=require", "sslmode=disable"));
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
@@ -118,7 +175,7 @@ async fn demo_serves_the_connection_string_it_prints_and_cleans_up_on_sigterm() 
         .unwrap_or_else(|| panic!("second line is the metrics URL: {metrics_url:?}"));
     let body = pgwarden_tests::http_get(metrics_port, "/metrics").await;
     assert!(
-        body.contains("pgwarden_client_connections_received_total 2"),
+        body.contains("pgwarden_client_connections_received_total 3"),
         "{body}"
     );
 
