@@ -37,6 +37,40 @@ struct Args {
     /// Process whose CPU time (utime + stime) is reported per transaction, e.g. the proxy.
     #[arg(long)]
     pid: Option<u32>,
+    /// Log in with an IAM token instead of the DSN's password, made by the same code as
+    /// `pgwarden token` from the AWS SDK's default credential chain.
+    #[arg(long, value_enum)]
+    iam: Option<pgwarden::token_cli::TokenMode>,
+    /// pgwarden's iam.server_id (with `--iam sts`).
+    #[arg(long)]
+    iam_server_id: Option<String>,
+    /// STS endpoint (with `--iam sts`; default https://sts.REGION.amazonaws.com).
+    #[arg(long)]
+    iam_sts_endpoint: Option<String>,
+}
+
+/// The DSN with an IAM token as the password, when `--iam` asks for one.
+async fn with_iam_token(args: &Args) -> anyhow::Result<String> {
+    let Some(mode) = args.iam else {
+        return Ok(args.dsn.clone());
+    };
+    let config: tokio_postgres::Config = args.dsn.parse().context("parsing --dsn")?;
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "localhost".to_owned(),
+    };
+    let token = pgwarden::token_cli::token(&pgwarden::token_cli::TokenArgs {
+        mode,
+        host,
+        port: config.get_ports().first().copied().unwrap_or(5432),
+        user: config.get_user().context("--dsn names no user")?.to_owned(),
+        region: None,
+        server_id: args.iam_server_id.clone(),
+        sts_endpoint: args.iam_sts_endpoint.clone(),
+    })
+    .await?;
+    // key=value form accepts a later password that overrides the first.
+    Ok(format!("{} password='{}'", args.dsn, token))
 }
 
 /// What one client saw.
@@ -102,7 +136,8 @@ async fn run_client(args: Args, until: Instant) -> ClientResult {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    args.dsn = with_iam_token(&args).await?;
     let ticks_per_second = 100.0; // USER_HZ on Linux
     let cpu_before = args.pid.and_then(cpu_ticks);
     let started = Instant::now();

@@ -348,3 +348,46 @@ async fn pgwarden_token_signs_with_the_default_credential_chain() {
         .expect("the CLI's token works");
     client.simple_query("select 1").await.expect("query");
 }
+
+#[tokio::test]
+async fn the_bench_logs_in_with_tokens_from_the_same_code() {
+    let (_cluster, pgwarden, emulator) = start(false, true).await;
+    let ids = emulator.identities("orders-bench");
+    let bench = pgwarden_tests::pgwarden_binary().with_file_name("pgwarden-bench");
+    let out = tokio::process::Command::new(bench)
+        .args([
+            "--dsn",
+            &format!(
+                "host=127.0.0.1 port={} user=app dbname=app",
+                pgwarden.port()
+            ),
+            "--clients",
+            "4",
+            "--duration",
+            "2s",
+            "--iam",
+            "sts",
+            "--iam-server-id",
+            SERVER_ID,
+            "--iam-sts-endpoint",
+            emulator.endpoint(),
+        ])
+        .env("AWS_ACCESS_KEY_ID", &ids.role_key_id)
+        .env("AWS_SECRET_ACCESS_KEY", &ids.role_secret)
+        .env("AWS_SESSION_TOKEN", &ids.role_session_token)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .output()
+        .await
+        .expect("run pgwarden-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("errors 0 "), "{stdout}");
+    assert!(!stdout.contains("transactions 0 "), "{stdout}");
+}
