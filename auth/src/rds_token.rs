@@ -95,6 +95,31 @@ fn encode(s: &str) -> String {
     utf8_percent_encode(s, RFC3986).to_string()
 }
 
+/// Decodes a presigned URL's query: percent-decoded pairs, each name once, at most 12.
+pub(crate) fn parse_query(query: &str) -> Result<Vec<(String, String)>, TokenError> {
+    let decode = |s: &str| {
+        percent_decode_str(s)
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| TokenError::Malformed("bad percent-encoding"))
+    };
+    let mut params: Vec<(String, String)> = Vec::new();
+    for pair in query.split('&') {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or(TokenError::Malformed("parameter without value"))?;
+        let (k, v) = (decode(k)?, decode(v)?);
+        if params.iter().any(|(seen, _)| *seen == k) {
+            return Err(TokenError::Malformed("repeated parameter"));
+        }
+        if params.len() >= 12 {
+            return Err(TokenError::Malformed("too many parameters"));
+        }
+        params.push((k, v));
+    }
+    Ok(params)
+}
+
 /// Parses `YYYYMMDDTHHMMSSZ`.
 pub(crate) fn parse_amz_date(s: &str) -> Option<SystemTime> {
     let b = s.as_bytes();
@@ -258,26 +283,7 @@ impl RdsTokenVerifier {
         let (authority, query) = token
             .split_once("/?")
             .ok_or(TokenError::Malformed("no query"))?;
-        let mut params: Vec<(String, String)> = Vec::new();
-        for pair in query.split('&') {
-            let (k, v) = pair
-                .split_once('=')
-                .ok_or(TokenError::Malformed("parameter without value"))?;
-            let decode = |s: &str| {
-                percent_decode_str(s)
-                    .decode_utf8()
-                    .map(|c| c.into_owned())
-                    .map_err(|_| TokenError::Malformed("bad percent-encoding"))
-            };
-            let (k, v) = (decode(k)?, decode(v)?);
-            if params.iter().any(|(seen, _)| *seen == k) {
-                return Err(TokenError::Malformed("repeated parameter"));
-            }
-            if params.len() >= 12 {
-                return Err(TokenError::Malformed("too many parameters"));
-            }
-            params.push((k, v));
-        }
+        let params = parse_query(query)?;
         let get = |name: &str| {
             params
                 .iter()

@@ -14,9 +14,8 @@
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
-use percent_encoding::percent_decode_str;
 
-use crate::rds_token::{parse_amz_date, TokenError};
+use crate::rds_token::{parse_amz_date, parse_query, TokenError};
 
 pub const TOKEN_PREFIX: &str = "pgwarden-sts:";
 pub const SERVER_ID_HEADER: &str = "x-pgwarden-server-id";
@@ -162,26 +161,7 @@ pub fn check(
             endpoint.host, endpoint.port
         )));
     }
-    let mut params: Vec<(String, String)> = Vec::new();
-    for pair in query.split('&') {
-        let (k, v) = pair
-            .split_once('=')
-            .ok_or(TokenError::Malformed("parameter without value"))?;
-        let decode = |s: &str| {
-            percent_decode_str(s)
-                .decode_utf8()
-                .map(|c| c.into_owned())
-                .map_err(|_| TokenError::Malformed("bad percent-encoding"))
-        };
-        let (k, v) = (decode(k)?, decode(v)?);
-        if params.iter().any(|(seen, _)| *seen == k) {
-            return Err(TokenError::Malformed("repeated parameter"));
-        }
-        if params.len() >= 12 {
-            return Err(TokenError::Malformed("too many parameters"));
-        }
-        params.push((k, v));
-    }
+    let params = parse_query(query)?;
     const KNOWN: [&str; 9] = [
         "Action",
         "Version",

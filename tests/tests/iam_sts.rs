@@ -48,6 +48,13 @@ async fn start(tls: bool, allow_plaintext: bool) -> (PgCluster, Pgwarden, &'stat
     (cluster, pgwarden, emulator)
 }
 
+/// `token` with its last character changed (another signature, or an undecodable token:
+/// either way it must be refused).
+fn tampered(token: &str) -> String {
+    let (head, last) = token.split_at(token.len() - 1);
+    format!("{head}{}", if last == "A" { "B" } else { "A" })
+}
+
 struct Signer<'a> {
     endpoint: &'a str,
     key_id: &'a str,
@@ -184,12 +191,7 @@ async fn bad_tokens_are_refused_and_off_allow_list_ones_cause_no_request() {
             SqlState::INVALID_PASSWORD,
             "signature",
         ),
-        (
-            "tampered",
-            format!("{}A", &good[..good.len() - 1]),
-            SqlState::INVALID_PASSWORD,
-            "",
-        ),
+        ("tampered", tampered(&good), SqlState::INVALID_PASSWORD, ""),
         (
             "unknown key",
             unknown,

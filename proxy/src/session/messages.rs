@@ -88,6 +88,31 @@ pub struct BackendSide<'a> {
     pub to_client: &'a mut BytesMut,
 }
 
+/// Walks `input` into `scan` (cleared first); stops before a whole message tagged `stop`.
+fn find_boundaries(
+    walker: &mut FrameWalker,
+    input: &[u8],
+    inspect: fn(u8) -> bool,
+    stop: u8,
+    scan: &mut Vec<Boundary>,
+) -> Result<(usize, bool), ProtocolError> {
+    scan.clear();
+    walker.walk_at(input, inspect, |at, w| {
+        let (tag, len, whole) = match w {
+            Walk::Inspect(m) if m.tag == stop => return ControlFlow::Break(()),
+            Walk::Inspect(m) => (m.tag, m.body.len() + 4, true),
+            Walk::Pass { tag, len } => (tag, len, false),
+        };
+        scan.push(Boundary {
+            at,
+            tag,
+            len,
+            whole,
+        });
+        ControlFlow::Continue(())
+    })
+}
+
 fn client_inspects(tag: u8) -> bool {
     matches!(
         tag,
@@ -122,21 +147,13 @@ pub fn process_client(
     input: &[u8],
 ) -> Result<(usize, bool), ProtocolError> {
     let mut scan = std::mem::take(&mut s.scan);
-    scan.clear();
-    let (consumed, stopped) = s.client_walker.walk_at(input, client_inspects, |at, w| {
-        let (tag, len, whole) = match w {
-            Walk::Inspect(m) if m.tag == frontend::TERMINATE => return ControlFlow::Break(()),
-            Walk::Inspect(m) => (m.tag, m.body.len() + 4, true),
-            Walk::Pass { tag, len } => (tag, len, false),
-        };
-        scan.push(Boundary {
-            at,
-            tag,
-            len,
-            whole,
-        });
-        ControlFlow::Continue(())
-    })?;
+    let (consumed, stopped) = find_boundaries(
+        &mut s.client_walker,
+        input,
+        client_inspects,
+        frontend::TERMINATE,
+        &mut scan,
+    )?;
     let mut copied = 0;
     for b in &scan {
         side.to_backend.extend_from_slice(&input[copied..b.at]);
@@ -471,20 +488,8 @@ pub fn process_backend(
     input: &[u8],
 ) -> Result<usize, ProtocolError> {
     let mut scan = std::mem::take(&mut s.scan);
-    scan.clear();
-    let (consumed, _) = walker.walk_at(input, backend_inspects, |at, w| {
-        let (tag, len, whole) = match w {
-            Walk::Inspect(m) => (m.tag, m.body.len() + 4, true),
-            Walk::Pass { tag, len } => (tag, len, false),
-        };
-        scan.push(Boundary {
-            at,
-            tag,
-            len,
-            whole,
-        });
-        ControlFlow::Continue(())
-    })?;
+    // No backend message stops the walk (0 is not a message type).
+    let (consumed, _) = find_boundaries(walker, input, backend_inspects, 0, &mut scan)?;
     let mut events = Vec::new();
     let mut copied = 0;
     let mut result = Ok(());
