@@ -120,6 +120,31 @@ pub(crate) fn parse_query(query: &str) -> Result<Vec<(String, String)>, TokenErr
     Ok(params)
 }
 
+/// When a presigned request was signed and when it expires, checked against `now`: at most
+/// 900 s of validity, not expired, not dated beyond `max_skew` in the future.
+pub(crate) fn validity(
+    date: &str,
+    expires: &str,
+    now: SystemTime,
+    max_skew: Duration,
+) -> Result<(SystemTime, SystemTime), TokenError> {
+    let signed_at = parse_amz_date(date).ok_or(TokenError::Malformed("bad X-Amz-Date"))?;
+    let expires: u64 = expires
+        .parse()
+        .map_err(|_| TokenError::Malformed("bad X-Amz-Expires"))?;
+    if expires == 0 || expires > MAX_EXPIRES {
+        return Err(TokenError::Malformed("X-Amz-Expires out of range"));
+    }
+    let expires_at = signed_at + Duration::from_secs(expires);
+    if now > expires_at {
+        return Err(TokenError::Expired);
+    }
+    if signed_at > now + max_skew {
+        return Err(TokenError::NotYetValid);
+    }
+    Ok((signed_at, expires_at))
+}
+
 /// Parses `YYYYMMDDTHHMMSSZ`.
 pub(crate) fn parse_amz_date(s: &str) -> Option<SystemTime> {
     let b = s.as_bytes();
@@ -320,20 +345,8 @@ impl RdsTokenVerifier {
             return Err(TokenError::WrongHost(authority.to_owned()));
         }
         let date = required("X-Amz-Date")?;
-        let signed_at = parse_amz_date(date).ok_or(TokenError::Malformed("bad X-Amz-Date"))?;
-        let expires: u64 = required("X-Amz-Expires")?
-            .parse()
-            .map_err(|_| TokenError::Malformed("bad X-Amz-Expires"))?;
-        if expires == 0 || expires > MAX_EXPIRES {
-            return Err(TokenError::Malformed("X-Amz-Expires out of range"));
-        }
-        let expires_at = signed_at + Duration::from_secs(expires);
-        if now > expires_at {
-            return Err(TokenError::Expired);
-        }
-        if signed_at > now + self.max_skew {
-            return Err(TokenError::NotYetValid);
-        }
+        let (signed_at, expires_at) =
+            validity(date, required("X-Amz-Expires")?, now, self.max_skew)?;
         let credential = required("X-Amz-Credential")?;
         let parts: Vec<&str> = credential.split('/').collect();
         let [akid, scope_date, region, service, terminator] = parts[..] else {

@@ -15,14 +15,13 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 
-use crate::rds_token::{parse_amz_date, parse_query, TokenError};
+use crate::rds_token::{parse_query, validity, TokenError, MAX_EXPIRES};
 
 pub const TOKEN_PREFIX: &str = "pgwarden-sts:";
 pub const SERVER_ID_HEADER: &str = "x-pgwarden-server-id";
 pub const DB_USER_HEADER: &str = "x-pgwarden-db-user";
 const SIGNED_HEADERS: &str = "host;x-pgwarden-db-user;x-pgwarden-server-id";
 const MAX_TOKEN_LEN: usize = 8192;
-const MAX_EXPIRES: u64 = 900;
 
 /// An STS endpoint tokens may point at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,21 +198,7 @@ pub fn check(
         return Err(TokenError::Malformed("credential scope is not sts"));
     }
     get("X-Amz-Signature")?;
-    let date = get("X-Amz-Date")?;
-    let signed_at = parse_amz_date(date).ok_or(TokenError::Malformed("bad X-Amz-Date"))?;
-    let expires: u64 = get("X-Amz-Expires")?
-        .parse()
-        .map_err(|_| TokenError::Malformed("bad X-Amz-Expires"))?;
-    if expires == 0 || expires > MAX_EXPIRES {
-        return Err(TokenError::Malformed("X-Amz-Expires out of range"));
-    }
-    let expires_at = signed_at + Duration::from_secs(expires);
-    if now > expires_at {
-        return Err(TokenError::Expired);
-    }
-    if signed_at > now + max_skew {
-        return Err(TokenError::NotYetValid);
-    }
+    let (_, expires_at) = validity(get("X-Amz-Date")?, get("X-Amz-Expires")?, now, max_skew)?;
     Ok(StsRequest {
         authority: authority.to_owned(),
         path_and_query: path_query.to_owned(),

@@ -134,6 +134,14 @@ impl AwsEmulator {
     }
 }
 
+/// Environment that keeps the AWS SDK's default chain to the environment variables given
+/// with it: no instance metadata service, no shared config or credentials files.
+pub const ISOLATED_AWS_ENV: [(&str, &str); 3] = [
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+    ("AWS_CONFIG_FILE", "/dev/null"),
+    ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+];
+
 /// Credentials the emulator issued.
 pub struct Identities {
     pub user_key_id: String,

@@ -17,7 +17,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use self::pgwarden::workspace_root;
-pub use aws::{python, AwsEmulator, Identities};
+pub use aws::{python, AwsEmulator, Identities, ISOLATED_AWS_ENV};
 pub use cluster::PgCluster;
 pub use pgwarden::{binary_path as pgwarden_binary, Pgwarden, PgwardenOptions};
 

@@ -133,9 +133,7 @@ async fn demo_serves_the_connection_string_it_prints_and_cleans_up_on_sigterm() 
             "demo",
         ])
         .envs(iam_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .envs(pgwarden_tests::ISOLATED_AWS_ENV)
         .output()
         .expect("pgwarden token");
     assert!(

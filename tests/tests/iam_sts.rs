@@ -332,9 +332,7 @@ async fn pgwarden_token_signs_with_the_default_credential_chain() {
         .env("AWS_ACCESS_KEY_ID", &ids.role_key_id)
         .env("AWS_SECRET_ACCESS_KEY", &ids.role_secret)
         .env("AWS_SESSION_TOKEN", &ids.role_session_token)
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .envs(pgwarden_tests::ISOLATED_AWS_ENV)
         .output()
         .expect("pgwarden token");
     assert!(
@@ -378,9 +376,7 @@ async fn the_bench_logs_in_with_tokens_from_the_same_code() {
         .env("AWS_SECRET_ACCESS_KEY", &ids.role_secret)
         .env("AWS_SESSION_TOKEN", &ids.role_session_token)
         .env("AWS_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .envs(pgwarden_tests::ISOLATED_AWS_ENV)
         .output()
         .await
         .expect("run pgwarden-bench");
