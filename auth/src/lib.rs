@@ -7,6 +7,7 @@
 
 pub mod backend_login;
 pub mod file_provider;
+pub mod rds_secret;
 pub mod rds_token;
 pub mod rules;
 pub mod scram;

@@ -23,6 +23,8 @@ pub enum AppError {
     Credentials(#[from] StoreError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Secrets(#[from] crate::secrets::SecretsError),
     #[error("iam.sts_endpoints: {0}")]
     StsEndpoint(String),
     #[error("IAM key {access_key_id}: environment variable {variable} is not set")]
@@ -126,12 +128,33 @@ pub struct App {
 
 impl App {
     /// Builds the shared state: loads every target's credentials and the TLS material.
-    pub fn new(config: Config) -> Result<Arc<Self>, AppError> {
+    pub async fn new(config: Config) -> Result<Arc<Self>, AppError> {
         let metrics = Arc::new(Metrics::new());
         let mut targets = Vec::new();
         for t in &config.targets {
-            let crate::config::CredentialsConfig::File { path } = &t.credentials;
-            let credentials = CredentialStore::from_file(path)?;
+            let credentials = match &t.credentials {
+                crate::config::CredentialsConfig::File { path } => {
+                    CredentialStore::from_file(path)?
+                }
+                crate::config::CredentialsConfig::SecretsManager {
+                    secrets,
+                    region,
+                    endpoint,
+                } => {
+                    let source = crate::secrets::SecretsManager::new(
+                        region.as_deref(),
+                        endpoint.as_deref(),
+                        metrics.secret_fetches.clone(),
+                    )
+                    .await;
+                    let mut logins = Vec::new();
+                    for id in secrets {
+                        let secret = source.fetch(id, "AWSCURRENT").await?;
+                        logins.push((secret.username, secret.password));
+                    }
+                    CredentialStore::from_logins(logins)?
+                }
+            };
             let connector = tls::backend_connector(t.tls, t.ca_path.as_deref())?;
             targets.push(Target::new(
                 t.clone(),

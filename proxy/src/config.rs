@@ -224,6 +224,18 @@ pub enum CredentialsConfig {
         /// Path of the file; relative paths are relative to the config file.
         path: PathBuf,
     },
+    /// AWS Secrets Manager: each secret (name or ARN) holds one login as the standard RDS
+    /// secret JSON; the client-facing user is the secret's `username`. Read at start with
+    /// `VersionStage = AWSCURRENT`. Region, endpoint and AWS credentials come from the SDK's
+    /// default chain; `region` and `endpoint` here win.
+    #[serde(rename = "secretsmanager")]
+    SecretsManager {
+        secrets: Vec<String>,
+        #[serde(default)]
+        region: Option<String>,
+        #[serde(default)]
+        endpoint: Option<String>,
+    },
 }
 
 mod defaults {
@@ -346,9 +358,10 @@ impl Config {
             if let Some(ca) = &mut target.ca_path {
                 resolve(ca);
             }
-            let CredentialsConfig::File { path } = &mut target.credentials;
-            if path.is_relative() {
-                *path = base.join(&*path);
+            if let CredentialsConfig::File { path } = &mut target.credentials {
+                if path.is_relative() {
+                    *path = base.join(&*path);
+                }
             }
         }
         Ok(config)
@@ -424,6 +437,13 @@ impl Config {
             }
             if t.tls == crate::tls::BackendTlsMode::VerifyFull && t.ca_path.is_none() {
                 problems.push(format!("target {n:?}: tls = \"verify-full\" needs ca_path"));
+            }
+            if let CredentialsConfig::SecretsManager { secrets, .. } = &t.credentials {
+                if secrets.is_empty() {
+                    problems.push(format!(
+                        "target {n:?}: the secretsmanager provider names no secrets"
+                    ));
+                }
             }
             for filter in &t.pin_filters {
                 if crate::pinning::PinReason::from_name(filter).is_none() {

@@ -41,23 +41,28 @@ impl CredentialStore {
     }
 
     pub fn from_users(file: &FileCredentials) -> Result<Self, StoreError> {
+        Self::from_logins(
+            file.users()
+                .iter()
+                .map(|u| (u.name.clone(), u.password.clone())),
+        )
+    }
+
+    /// Builds the store from (database user, password) pairs, whatever their source.
+    pub fn from_logins(
+        logins: impl IntoIterator<Item = (String, Secret)>,
+    ) -> Result<Self, StoreError> {
         let mut mock_key = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut mock_key);
         let mut users = HashMap::new();
-        for user in file.users() {
-            let salt = pgwarden_auth::scram::user_salt(&mock_key, &user.name);
-            let scram = ScramSecret::from_password(user.password.expose(), &salt, SCRAM_ITERATIONS)
+        for (name, password) in logins {
+            let salt = pgwarden_auth::scram::user_salt(&mock_key, &name);
+            let scram = ScramSecret::from_password(password.expose(), &salt, SCRAM_ITERATIONS)
                 .map_err(|e| StoreError::Scram {
-                    user: user.name.clone(),
+                    user: name.clone(),
                     reason: e.to_string(),
                 })?;
-            users.insert(
-                user.name.clone(),
-                UserCredentials {
-                    password: user.password.clone(),
-                    scram,
-                },
-            );
+            users.insert(name, UserCredentials { password, scram });
         }
         Ok(Self { users, mock_key })
     }

@@ -107,7 +107,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run { config } => run(config).await,
-            Command::CheckConfig { config } => check_config(config),
+            Command::CheckConfig { config } => check_config(config).await,
             Command::Token {
                 mode,
                 host,
@@ -158,9 +158,9 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check_config(path: PathBuf) -> anyhow::Result<()> {
+async fn check_config(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
-    let app = pgwarden::App::new(config)?;
+    let app = pgwarden::App::new(config).await?;
     println!("{}: valid", path.display());
     println!(
         "listen {}, admin {}, max_client_connections {}",

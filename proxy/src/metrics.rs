@@ -21,6 +21,8 @@ pub struct Metrics {
     pub auth_successes: IntCounterVec,
     /// Authentication attempts refused by the failure rate limit, by scope.
     pub auth_rate_limited: IntCounterVec,
+    /// Secrets Manager reads by outcome (`succeeded`, `failed`, `invalid`).
+    pub secret_fetches: IntCounterVec,
     /// STS token verifications by outcome (`verified`, `refused`, `cached`, `unreachable`,
     /// `timeout`).
     pub sts_requests: IntCounterVec,
@@ -95,6 +97,11 @@ impl Metrics {
                 "pgwarden_client_auth_rate_limited_total",
                 "Authentication attempts refused by the failure rate limit, by scope",
                 &["scope"],
+            ),
+            secret_fetches: counter_vec(
+                "pgwarden_secret_fetches_total",
+                "Secrets Manager reads by outcome",
+                &["outcome"],
             ),
             sts_requests: counter_vec(
                 "pgwarden_sts_requests_total",

@@ -37,7 +37,7 @@ impl Server {
         raise_fd_limit(&config);
         let listen_addr = config.server.listen;
         let admin_addr = config.server.admin_listen;
-        let app = App::new(config)?;
+        let app = App::new(config).await?;
         let listener = TcpListener::bind(listen_addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen_addr}: {e}"))?;

@@ -142,6 +142,23 @@ pub const ISOLATED_AWS_ENV: [(&str, &str); 3] = [
     ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
 ];
 
+impl AwsEmulator {
+    /// Creates an RDS-format secret holding `username`/`password`; returns its ARN.
+    pub fn create_secret(&self, name: &str, username: &str, password: &str) -> String {
+        let out = Command::new(python())
+            .arg(script("python/create_secret.py"))
+            .args([&self.endpoint, name, username, password])
+            .output()
+            .expect("run create_secret.py");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
 /// Credentials the emulator issued.
 pub struct Identities {
     pub user_key_id: String,

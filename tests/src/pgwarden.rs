@@ -43,6 +43,10 @@ pub struct PgwardenOptions {
     /// Raw TOML appended after the targets (e.g. an `[iam]` section); `__PORT__` in it
     /// becomes pgwarden's listen port.
     pub extra_toml: String,
+    /// The target's `credentials` inline table, instead of the generated users file.
+    pub credentials_toml: Option<String>,
+    /// Extra environment for the pgwarden process (e.g. AWS credentials).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for PgwardenOptions {
@@ -57,6 +61,8 @@ impl Default for PgwardenOptions {
             extra_server_toml: String::new(),
             tls: false,
             extra_toml: String::new(),
+            credentials_toml: None,
+            env: Vec::new(),
         }
     }
 }
@@ -117,7 +123,7 @@ impl Pgwarden {
         let launch = |port: u16, admin_port: u16| {
             let toml = config_toml(cluster, &options, port, admin_port, &credentials);
             fs::write(&config, toml).expect("write pgwarden config");
-            spawn(&binary, &config, &log)
+            spawn(&binary, &config, &log, &options.env)
         };
 
         let (port, admin_port) = two_free_ports();
@@ -377,13 +383,17 @@ pool_mode = {pool_mode}
 pool_size = {pool_size}
 max_backend_connections = {max_backend}
 borrow_timeout = {borrow_timeout}
-credentials = {{ provider = "file", path = {credentials} }}
+credentials = {credentials_table}
 {extra_target}
 
 {extra_toml}
 "#,
         extra_server = options.extra_server_toml,
         extra_toml = options.extra_toml.replace("__PORT__", &port.to_string()),
+        credentials_table = options
+            .credentials_toml
+            .clone()
+            .unwrap_or_else(|| format!("{{ provider = \"file\", path = {credentials} }}")),
         tls = options.tls,
         tls_table = if options.tls {
             let dir = credentials_dir(credentials_path);
@@ -418,7 +428,7 @@ fn toml_str(value: &str) -> String {
     toml::Value::String(value.to_owned()).to_string()
 }
 
-fn spawn(binary: &Path, config: &Path, log: &Path) -> Child {
+fn spawn(binary: &Path, config: &Path, log: &Path, env: &[(String, String)]) -> Child {
     let stdout: File = OpenOptions::new()
         .create(true)
         .append(true)
@@ -431,6 +441,7 @@ fn spawn(binary: &Path, config: &Path, log: &Path) -> Child {
         .arg("--config")
         .arg(config)
         .env("RUST_LOG", rust_log)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
