@@ -95,29 +95,66 @@ fn encode(s: &str) -> String {
     utf8_percent_encode(s, RFC3986).to_string()
 }
 
-/// Decodes a presigned URL's query: percent-decoded pairs, each name once, at most 12.
-pub(crate) fn parse_query(query: &str) -> Result<Vec<(String, String)>, TokenError> {
-    let decode = |s: &str| {
-        percent_decode_str(s)
-            .decode_utf8()
-            .map(|c| c.into_owned())
-            .map_err(|_| TokenError::Malformed("bad percent-encoding"))
-    };
-    let mut params: Vec<(String, String)> = Vec::new();
-    for pair in query.split('&') {
-        let (k, v) = pair
-            .split_once('=')
-            .ok_or(TokenError::Malformed("parameter without value"))?;
-        let (k, v) = (decode(k)?, decode(v)?);
-        if params.iter().any(|(seen, _)| *seen == k) {
-            return Err(TokenError::Malformed("repeated parameter"));
+/// The SigV4 parameters every presigned token carries (with its own action parameters).
+const SIGV4_PARAMS: [&str; 7] = [
+    "X-Amz-Algorithm",
+    "X-Amz-Credential",
+    "X-Amz-Date",
+    "X-Amz-Expires",
+    "X-Amz-SignedHeaders",
+    "X-Amz-Security-Token",
+    "X-Amz-Signature",
+];
+
+/// A presigned URL's query: percent-decoded pairs, each name once, at most 12, none but
+/// the SigV4 parameters and the given action parameters.
+pub(crate) struct QueryParams(Vec<(String, String)>);
+
+impl QueryParams {
+    pub(crate) fn parse(query: &str, action_params: &[&str]) -> Result<Self, TokenError> {
+        let decode = |s: &str| {
+            percent_decode_str(s)
+                .decode_utf8()
+                .map(|c| c.into_owned())
+                .map_err(|_| TokenError::Malformed("bad percent-encoding"))
+        };
+        let mut params: Vec<(String, String)> = Vec::new();
+        for pair in query.split('&') {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or(TokenError::Malformed("parameter without value"))?;
+            let (k, v) = (decode(k)?, decode(v)?);
+            if !SIGV4_PARAMS.contains(&k.as_str()) && !action_params.contains(&k.as_str()) {
+                return Err(TokenError::Malformed("unexpected parameter"));
+            }
+            if params.iter().any(|(seen, _)| *seen == k) {
+                return Err(TokenError::Malformed("repeated parameter"));
+            }
+            if params.len() >= 12 {
+                return Err(TokenError::Malformed("too many parameters"));
+            }
+            params.push((k, v));
         }
-        if params.len() >= 12 {
-            return Err(TokenError::Malformed("too many parameters"));
-        }
-        params.push((k, v));
+        Ok(Self(params))
     }
-    Ok(params)
+
+    /// The value of `name`, which must be present.
+    pub(crate) fn required(&self, name: &str) -> Result<&str, TokenError> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .ok_or(TokenError::Malformed("missing parameter"))
+    }
+
+    /// Every pair but the signature, for recomputing it.
+    fn signed(&self) -> Vec<(&str, &str)> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k != "X-Amz-Signature")
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
+    }
 }
 
 /// When a presigned request was signed and when it expires, checked against `now`: at most
@@ -308,28 +345,8 @@ impl RdsTokenVerifier {
         let (authority, query) = token
             .split_once("/?")
             .ok_or(TokenError::Malformed("no query"))?;
-        let params = parse_query(query)?;
-        let get = |name: &str| {
-            params
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-        };
-        const KNOWN: [&str; 9] = [
-            "Action",
-            "DBUser",
-            "X-Amz-Algorithm",
-            "X-Amz-Credential",
-            "X-Amz-Date",
-            "X-Amz-Expires",
-            "X-Amz-SignedHeaders",
-            "X-Amz-Security-Token",
-            "X-Amz-Signature",
-        ];
-        if params.iter().any(|(k, _)| !KNOWN.contains(&k.as_str())) {
-            return Err(TokenError::Malformed("unexpected parameter"));
-        }
-        let required = |name: &str| get(name).ok_or(TokenError::Malformed("missing parameter"));
+        let params = QueryParams::parse(query, &["Action", "DBUser"])?;
+        let required = |name: &str| params.required(name);
         if required("Action")? != "connect" {
             return Err(TokenError::Malformed("action is not connect"));
         }
@@ -356,11 +373,7 @@ impl RdsTokenVerifier {
             return Err(TokenError::Malformed("bad credential scope"));
         }
         let key = self.keys.get(akid).ok_or(TokenError::UnknownKey)?;
-        let signed: Vec<(&str, &str)> = params
-            .iter()
-            .filter(|(k, _)| k != "X-Amz-Signature")
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
+        let signed = params.signed();
         let expected = signature(
             key.secret.expose(),
             signed_at,

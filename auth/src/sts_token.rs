@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 
-use crate::rds_token::{parse_query, validity, TokenError, MAX_EXPIRES};
+use crate::rds_token::{validity, QueryParams, TokenError, MAX_EXPIRES};
 
 pub const TOKEN_PREFIX: &str = "pgwarden-sts:";
 pub const SERVER_ID_HEADER: &str = "x-pgwarden-server-id";
@@ -160,28 +160,8 @@ pub fn check(
             endpoint.host, endpoint.port
         )));
     }
-    let params = parse_query(query)?;
-    const KNOWN: [&str; 9] = [
-        "Action",
-        "Version",
-        "X-Amz-Algorithm",
-        "X-Amz-Credential",
-        "X-Amz-Date",
-        "X-Amz-Expires",
-        "X-Amz-SignedHeaders",
-        "X-Amz-Security-Token",
-        "X-Amz-Signature",
-    ];
-    if params.iter().any(|(k, _)| !KNOWN.contains(&k.as_str())) {
-        return Err(TokenError::Malformed("unexpected parameter"));
-    }
-    let get = |name: &str| {
-        params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-            .ok_or(TokenError::Malformed("missing parameter"))
-    };
+    let params = QueryParams::parse(query, &["Action", "Version"])?;
+    let get = |name: &str| params.required(name);
     if get("Action")? != "GetCallerIdentity" || get("Version")? != "2011-06-15" {
         return Err(TokenError::Malformed("not GetCallerIdentity 2011-06-15"));
     }

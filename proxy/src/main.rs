@@ -42,31 +42,10 @@ enum Command {
     CheckConfig { config: PathBuf },
     /// Print an IAM token for the current AWS credentials (the SDK's default chain), to use
     /// as the password of a client of a target with client_auth = "iam".
-    Token {
-        /// `sts` (any IAM principal, Lambda roles included) or `rds-token`.
-        #[arg(long, value_enum, default_value = "sts")]
-        mode: pgwarden::token_cli::TokenMode,
-        /// Host name clients use for pgwarden (rds-token).
-        #[arg(long, default_value = "localhost")]
-        host: String,
-        /// Port clients use for pgwarden (rds-token).
-        #[arg(long, default_value_t = 6432)]
-        port: u16,
-        /// Database user the token is for.
-        #[arg(long)]
-        user: String,
-        /// AWS region (default: from the AWS configuration).
-        #[arg(long)]
-        region: Option<String>,
-        /// pgwarden's iam.server_id (sts).
-        #[arg(long)]
-        server_id: Option<String>,
-        /// STS endpoint (sts; default https://sts.REGION.amazonaws.com).
-        #[arg(long)]
-        sts_endpoint: Option<String>,
-    },
+    Token(pgwarden::token_cli::TokenArgs),
     /// Start a throwaway local Postgres and pgwarden in front of it; print a connection
-    /// string (first line) and the metrics URL (second line); clean up on Ctrl-C.
+    /// string (first line), the metrics URL (second) and a throwaway IAM key (third);
+    /// clean up on Ctrl-C.
     Demo {
         /// Address pgwarden listens on.
         #[arg(long, default_value = "127.0.0.1:6432")]
@@ -108,28 +87,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run { config } => run(config).await,
             Command::CheckConfig { config } => check_config(config).await,
-            Command::Token {
-                mode,
-                host,
-                port,
-                user,
-                region,
-                server_id,
-                sts_endpoint,
-            } => {
-                let args = pgwarden::token_cli::TokenArgs {
-                    mode,
-                    host,
-                    port,
-                    user,
-                    region,
-                    server_id,
-                    sts_endpoint,
-                };
-                pgwarden::token_cli::token(&args)
-                    .await
-                    .map(|token| println!("{token}"))
-            }
+            Command::Token(args) => pgwarden::token_cli::token(&args)
+                .await
+                .map(|token| println!("{token}")),
             Command::Demo {
                 listen,
                 admin_listen,

@@ -17,14 +17,29 @@ pub enum TokenMode {
     RdsToken,
 }
 
-/// What `pgwarden token` needs.
+/// What `pgwarden token` needs (also the bench's `--iam` options).
+#[derive(Debug, Clone, clap::Args)]
 pub struct TokenArgs {
+    /// `sts` (any IAM principal, Lambda roles included) or `rds-token`.
+    #[arg(long, value_enum, default_value = "sts")]
     pub mode: TokenMode,
+    /// Host name clients use for pgwarden (rds-token).
+    #[arg(long, default_value = "localhost")]
     pub host: String,
+    /// Port clients use for pgwarden (rds-token).
+    #[arg(long, default_value_t = 6432)]
     pub port: u16,
+    /// Database user the token is for.
+    #[arg(long)]
     pub user: String,
+    /// AWS region (default: from the AWS configuration).
+    #[arg(long)]
     pub region: Option<String>,
+    /// pgwarden's iam.server_id (sts).
+    #[arg(long)]
     pub server_id: Option<String>,
+    /// STS endpoint (sts; default https://sts.REGION.amazonaws.com).
+    #[arg(long)]
     pub sts_endpoint: Option<String>,
 }
 

@@ -109,3 +109,19 @@ pub fn metric_sum(metrics: &str, name: &str) -> Option<f64> {
     }
     sum
 }
+
+/// Asserts that a pgbench run exited successfully and reported no failed transaction;
+/// returns its standard output for further checks.
+pub fn assert_pgbench_clean(run: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        stdout.contains("number of failed transactions: 0 "),
+        "{stdout}"
+    );
+    stdout
+}

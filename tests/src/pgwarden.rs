@@ -448,3 +448,25 @@ fn spawn(binary: &Path, config: &Path, log: &Path, env: &[(String, String)]) -> 
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()))
 }
+
+impl Pgwarden {
+    /// Asserts that logging in is refused with SQLSTATE `code` and a message containing
+    /// `words`; `case` names the attempt in failure messages.
+    pub async fn assert_login_refused(
+        &self,
+        case: &str,
+        user: &str,
+        password: &str,
+        code: &tokio_postgres::error::SqlState,
+        words: &str,
+    ) {
+        let Err(err) = self.try_connect(user, password, user).await else {
+            panic!("{case}: accepted");
+        };
+        let db = err
+            .as_db_error()
+            .unwrap_or_else(|| panic!("{case}: no ErrorResponse: {err:?}"));
+        assert_eq!(db.code(), code, "{case}: {}", db.message());
+        assert!(db.message().contains(words), "{case}: {}", db.message());
+    }
+}

@@ -167,14 +167,9 @@ async fn bad_tokens_and_principals_without_a_rule_are_refused_with_clear_errors(
         ),
     ];
     for (name, token, code, words) in cases {
-        let Err(err) = pgwarden.try_connect("app", &token, "app").await else {
-            panic!("{name}: accepted");
-        };
-        let db = err
-            .as_db_error()
-            .unwrap_or_else(|| panic!("{name}: {err:?}"));
-        assert_eq!(db.code(), &code, "{name}: {}", db.message());
-        assert!(db.message().contains(words), "{name}: {}", db.message());
+        pgwarden
+            .assert_login_refused(name, "app", &token, &code, words)
+            .await;
     }
     // The good token works on this loopback-plaintext development setup.
     let client = pgwarden
@@ -197,10 +192,13 @@ async fn bad_tokens_and_principals_without_a_rule_are_refused_with_clear_errors(
 async fn a_token_is_never_asked_for_on_a_plaintext_connection() {
     let (_cluster, pgwarden) = start(false, false).await;
     let good = token(&pgwarden, "app", KEY_ID, SECRET, SystemTime::now());
-    let Err(err) = pgwarden.try_connect("app", &good, "app").await else {
-        panic!("a token over plaintext must be refused");
-    };
-    let db = err.as_db_error().expect("error response");
-    assert_eq!(db.code(), &SqlState::INVALID_AUTHORIZATION_SPECIFICATION);
-    assert!(db.message().contains("only over TLS"), "{}", db.message());
+    pgwarden
+        .assert_login_refused(
+            "token over plaintext",
+            "app",
+            &good,
+            &SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            "only over TLS",
+        )
+        .await;
 }

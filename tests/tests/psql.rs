@@ -268,30 +268,27 @@ async fn repeated_failed_logins_are_rate_limited_per_address_without_affecting_o
     )
     .await;
     let established = pgwarden.connect("app", "app-pw", "app").await;
-    for _ in 0..3 {
-        let Err(err) = pgwarden.try_connect("app", "wrong", "app").await else {
-            panic!("wrong password accepted");
-        };
-        assert_eq!(
-            err.code(),
-            Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD)
-        );
+    for attempt in 0..3 {
+        pgwarden
+            .assert_login_refused(
+                &format!("wrong password {attempt}"),
+                "app",
+                "wrong",
+                &tokio_postgres::error::SqlState::INVALID_PASSWORD,
+                "password authentication failed",
+            )
+            .await;
     }
     // Over the limit: refused before any password exchange, even with the right one.
-    let Err(err) = pgwarden.try_connect("app", "app-pw", "app").await else {
-        panic!("the limit must refuse further attempts");
-    };
-    let db = err.as_db_error().expect("error response");
-    assert_eq!(
-        db.code(),
-        &tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION
-    );
-    assert!(
-        db.message()
-            .contains("too many failed authentication attempts"),
-        "{}",
-        db.message()
-    );
+    pgwarden
+        .assert_login_refused(
+            "right password over the limit",
+            "app",
+            "app-pw",
+            &tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            "too many failed authentication attempts",
+        )
+        .await;
     established
         .simple_query("select 1")
         .await
