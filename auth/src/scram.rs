@@ -109,13 +109,6 @@ impl ScramSecret {
         })
     }
 
-    /// A fresh random salt of Postgres' length.
-    pub fn random_salt() -> [u8; SALT_LEN] {
-        let mut salt = [0u8; SALT_LEN];
-        rand::thread_rng().fill_bytes(&mut salt);
-        salt
-    }
-
     pub fn iterations(&self) -> u32 {
         self.iterations
     }

@@ -75,13 +75,6 @@ pub fn close_complete(out: &mut BytesMut) {
     write_message(out, CLOSE_COMPLETE, |_| {});
 }
 
-pub fn command_complete(out: &mut BytesMut, tag: &str) {
-    write_message(out, COMMAND_COMPLETE, |b| {
-        b.extend_from_slice(tag.as_bytes());
-        b.put_u8(0);
-    });
-}
-
 pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
     write_message(out, PARAMETER_STATUS, |b| {
         b.extend_from_slice(name.as_bytes());

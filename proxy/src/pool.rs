@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use rand::Rng;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
@@ -598,9 +597,4 @@ impl Pool {
         self.target.count_closed(reason);
         drop(conn);
     }
-}
-
-/// A fresh read buffer for a backend, reused for the connection's life.
-pub fn backend_buffer() -> BytesMut {
-    BytesMut::with_capacity(8192)
 }
