@@ -3,8 +3,9 @@
 //! Two ways to consume a stream:
 //! - [`take_message`] splits one whole message off a `BytesMut` (login and auth phases, where
 //!   every message is small and handled one at a time);
-//! - [`FrameWalker`] walks message boundaries in a buffer that the relay forwards in bulk. It
-//!   only needs the bodies of the message types the caller asks to inspect; everything else
+//! - [`FrameWalker`] walks message boundaries across reads and tells where each message
+//!   starts, so the relay can copy, rewrite or drop messages one by one. It only needs the
+//!   bodies of the message types the caller asks to inspect; everything else
 //!   (DataRow, CopyData, ...) is skipped over, even when it spans many reads, so a large
 //!   result streams through in bounded memory.
 

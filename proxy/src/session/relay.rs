@@ -1,10 +1,11 @@
-//! The hot path: relaying a client's messages to a backend and the answers back.
+//! The hot path: a client's life between transactions (waiting without a backend, borrowing
+//! one, answering what needs none) and the I/O loop that moves bytes both ways while a
+//! backend is held.
 //!
-//! Bytes are forwarded in bulk, in the buffers they were read into; only message headers
-//! are walked, plus the bodies the state machine needs (client: Query, Parse, Terminate;
-//! backend: ReadyForQuery, ErrorResponse, CopyInResponse). Each buffer is either being
-//! filled or being drained, never both, which gives backpressure in both directions without
-//! a proxy-made deadlock: the backend side is always read while the client side waits.
+//! What happens to each message is `messages.rs`'s job; this loop only reads into the read
+//! buffers, writes out the outgoing ones, and decides when a round ends. A side is not read
+//! while its outgoing buffer is over a high-water mark (backpressure both ways), and the
+//! backend is always read while the client writes, so neither side can deadlock the other.
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
