@@ -137,6 +137,8 @@ enum State {
         server_first: String,
         nonce: String,
     },
+    /// The proof matched no secret; `replace_secrets` may reopen the exchange once.
+    Refused(Box<State>),
     Finished,
 }
 
@@ -183,6 +185,33 @@ impl ScramExchange {
             }],
             doomed: true,
             state: State::Initial,
+        }
+    }
+
+    /// Replaces the secrets after `client_final` answered `InvalidProof` and reopens the
+    /// exchange, so the caller can check the same final message again, e.g. once a rotated password has been
+    /// fetched. The new secrets must share the salt and iteration count already sent.
+    pub fn replace_secrets(&mut self, secrets: Vec<ScramSecret>) -> Result<(), ScramError> {
+        if self.doomed {
+            return Err(ScramError::OutOfOrder);
+        }
+        let sent = &self.secrets[0];
+        if secrets.is_empty()
+            || secrets
+                .iter()
+                .any(|s| s.salt != sent.salt || s.iterations != sent.iterations)
+        {
+            return Err(ScramError::InvalidSecrets(
+                "replacement secrets must keep the salt and iteration count already sent",
+            ));
+        }
+        match mem::replace(&mut self.state, State::Finished) {
+            State::Refused(sent) => {
+                self.state = *sent;
+                self.secrets = secrets;
+                Ok(())
+            }
+            _ => Err(ScramError::OutOfOrder),
         }
     }
 
@@ -330,6 +359,16 @@ impl ScramExchange {
             matched |= ok;
         }
         if self.doomed || !bool::from(matched) {
+            if !self.doomed {
+                // Kept so the same final message can be checked once more against
+                // refreshed secrets (a password rotated since the exchange began).
+                self.state = State::Refused(Box::new(State::ServerFirstSent {
+                    cbind,
+                    client_first_bare,
+                    server_first,
+                    nonce,
+                }));
+            }
             return Err(ScramError::InvalidProof);
         }
         let secret = &self.secrets[index as usize];
@@ -712,6 +751,44 @@ mod tests {
         assert_eq!(
             login(&mut d, "anything", ChannelBinding::unsupported()),
             Err(ScramError::InvalidProof)
+        );
+    }
+
+    #[test]
+    fn a_refused_proof_can_be_checked_again_against_refreshed_secrets() {
+        let mut s = exchange(&["old"]);
+        let mut client = ScramSha256::new(b"new", ChannelBinding::unsupported());
+        let sf = s
+            .client_first(SCRAM_SHA_256, client.message())
+            .expect("server-first");
+        client.update(&sf).expect("client accepts server-first");
+        let last = client.message().to_vec();
+        assert_eq!(s.client_final(&last), Err(ScramError::InvalidProof));
+        let other_salt =
+            ScramSecret::from_password("new", b"another-salt", DEFAULT_ITERATIONS).expect("secret");
+        assert!(matches!(
+            s.replace_secrets(vec![other_salt]),
+            Err(ScramError::InvalidSecrets(_))
+        ));
+        s.replace_secrets(vec![secret("old"), secret("new")])
+            .expect("same salt");
+        let server_final = s.client_final(&last).expect("the new password matches");
+        client
+            .finish(&server_final)
+            .expect("the signature is the matching secret's");
+        assert_eq!(
+            s.replace_secrets(vec![secret("new")]),
+            Err(ScramError::OutOfOrder),
+            "a finished exchange cannot be reopened"
+        );
+        let mut doomed = ScramExchange::doomed("ghost", &[7u8; 32]);
+        assert_eq!(
+            login(&mut doomed, "x", ChannelBinding::unsupported()),
+            Err(ScramError::InvalidProof)
+        );
+        assert_eq!(
+            doomed.replace_secrets(vec![secret("x")]),
+            Err(ScramError::OutOfOrder)
         );
     }
 }

@@ -1,4 +1,5 @@
-//! The admin HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (process alive).
+//! The admin HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (process alive),
+//! `/readyz` (ready to serve clients; degraded states are named in the body).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -50,6 +51,15 @@ fn route(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             app.metrics.render(),
         ),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        "/readyz" => {
+            let (ready, body) = readiness(app);
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            (status, "text/plain", body)
+        }
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -64,4 +74,40 @@ fn route(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             .insert(hyper::header::CONTENT_TYPE, value);
     }
     response
+}
+
+/// Ready unless shutting down or a target has no database login at all. Serving with
+/// cached credentials while Secrets Manager fails (fail-static) is ready but degraded: a
+/// probe that pulled the instance would turn an AWS outage into a database outage.
+fn readiness(app: &App) -> (bool, String) {
+    if app.shutdown.is_cancelled() {
+        return (false, "not ready: shutting down\n".to_owned());
+    }
+    let mut problems = Vec::new();
+    let mut degraded = Vec::new();
+    for target in &app.targets {
+        if !target.credentials.usable() {
+            problems.push(format!(
+                "target {:?}: no database login could be read from Secrets Manager",
+                target.name()
+            ));
+        } else if target.credentials.stale() {
+            degraded.push(format!(
+                "target {:?}: refreshing credentials fails; serving with the last good ones",
+                target.name()
+            ));
+        }
+    }
+    let mut body = String::new();
+    let ready = problems.is_empty();
+    body.push_str(match (ready, degraded.is_empty()) {
+        (false, _) => "not ready\n",
+        (true, true) => "ready\n",
+        (true, false) => "ready, degraded\n",
+    });
+    for line in problems.iter().chain(&degraded) {
+        body.push_str(line);
+        body.push('\n');
+    }
+    (ready, body)
 }

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cancel::CancelRegistry;
 use crate::config::{Config, IamConfig, IamVerifier};
-use crate::credentials::{CredentialStore, StoreError};
+use crate::credentials::{CredentialStore, SecretSettings, StoreError};
 use crate::metrics::Metrics;
 use crate::pool::Target;
 use crate::tls::{self, ServerTls, TlsError};
@@ -23,8 +23,6 @@ pub enum AppError {
     Credentials(#[from] StoreError),
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error(transparent)]
-    Secrets(#[from] crate::secrets::SecretsError),
     #[error("iam.sts_endpoints: {0}")]
     StsEndpoint(String),
     #[error("IAM key {access_key_id}: environment variable {variable} is not set")]
@@ -134,25 +132,28 @@ impl App {
         for t in &config.targets {
             let credentials = match &t.credentials {
                 crate::config::CredentialsConfig::File { path } => {
-                    CredentialStore::from_file(path)?
+                    CredentialStore::from_file(&t.name, path)?
                 }
                 crate::config::CredentialsConfig::SecretsManager {
                     secrets,
                     region,
                     endpoint,
+                    refresh_interval,
+                    previous_password_grace,
                 } => {
-                    let source = crate::secrets::SecretsManager::new(
+                    let client = crate::secrets::SecretsManager::new(
                         region.as_deref(),
                         endpoint.as_deref(),
                         metrics.secret_fetches.clone(),
                     )
                     .await;
-                    let mut logins = Vec::new();
-                    for id in secrets {
-                        let secret = source.fetch(id, "AWSCURRENT").await?;
-                        logins.push((secret.username, secret.password));
-                    }
-                    CredentialStore::from_logins(logins)?
+                    let settings = SecretSettings {
+                        secrets,
+                        refresh_interval: *refresh_interval,
+                        previous_password_grace: *previous_password_grace,
+                    };
+                    CredentialStore::from_secrets(&t.name, client, settings, metrics.clone())
+                        .await?
                 }
             };
             let connector = tls::backend_connector(t.tls, t.ca_path.as_deref())?;

@@ -224,18 +224,51 @@ pub enum CredentialsConfig {
         /// Path of the file; relative paths are relative to the config file.
         path: PathBuf,
     },
-    /// AWS Secrets Manager: each secret (name or ARN) holds one login as the standard RDS
-    /// secret JSON; the client-facing user is the secret's `username`. Read at start with
-    /// `VersionStage = AWSCURRENT`. Region, endpoint and AWS credentials come from the SDK's
-    /// default chain; `region` and `endpoint` here win.
+    /// AWS Secrets Manager: each secret holds one login as the standard RDS secret JSON.
+    /// Region, endpoint and AWS credentials come from the SDK's default chain; `region` and
+    /// `endpoint` here win. Every request names a version stage explicitly.
     #[serde(rename = "secretsmanager")]
     SecretsManager {
-        secrets: Vec<String>,
+        secrets: Vec<SecretRef>,
         #[serde(default)]
         region: Option<String>,
         #[serde(default)]
         endpoint: Option<String>,
+        /// How often each secret is read again in the background. Default `60s`.
+        #[serde(
+            default = "defaults::secret_refresh_interval",
+            with = "humantime_serde"
+        )]
+        refresh_interval: Duration,
+        /// After a rotation, how long clients may still authenticate with the previous
+        /// password. Default `0s` (off): only the current and the pending password work.
+        #[serde(default, with = "humantime_serde")]
+        previous_password_grace: Duration,
     },
+}
+
+/// One secret of the `secretsmanager` provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SecretRef {
+    /// A name or ARN: read at start; clients log in as the secret's `username`.
+    Id(String),
+    /// A secret behind a stable client-facing user name (needed when the rotation
+    /// alternates between two database users). Read on first use, not at start.
+    Named {
+        /// Name or ARN of the secret.
+        id: String,
+        /// The user name clients log in as.
+        user: String,
+    },
+}
+
+impl SecretRef {
+    pub fn id(&self) -> &str {
+        match self {
+            SecretRef::Id(id) | SecretRef::Named { id, .. } => id,
+        }
+    }
 }
 
 mod defaults {
@@ -254,6 +287,9 @@ mod defaults {
     }
     pub fn startup_timeout() -> Duration {
         Duration::from_secs(10)
+    }
+    pub fn secret_refresh_interval() -> Duration {
+        Duration::from_secs(60)
     }
     pub fn shutdown_timeout() -> Duration {
         Duration::from_secs(30)
@@ -438,10 +474,20 @@ impl Config {
             if t.tls == crate::tls::BackendTlsMode::VerifyFull && t.ca_path.is_none() {
                 problems.push(format!("target {n:?}: tls = \"verify-full\" needs ca_path"));
             }
-            if let CredentialsConfig::SecretsManager { secrets, .. } = &t.credentials {
+            if let CredentialsConfig::SecretsManager {
+                secrets,
+                refresh_interval,
+                ..
+            } = &t.credentials
+            {
                 if secrets.is_empty() {
                     problems.push(format!(
                         "target {n:?}: the secretsmanager provider names no secrets"
+                    ));
+                }
+                if refresh_interval.is_zero() {
+                    problems.push(format!(
+                        "target {n:?}: credentials.refresh_interval must be more than 0s"
                     ));
                 }
             }

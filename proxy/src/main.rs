@@ -121,6 +121,12 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
 async fn check_config(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     let app = pgwarden::App::new(config).await?;
+    for t in &app.targets {
+        t.credentials
+            .load_all()
+            .await
+            .map_err(|e| anyhow::anyhow!("target {:?}: {e}", t.name()))?;
+    }
     println!("{}: valid", path.display());
     println!(
         "listen {}, admin {}, max_client_connections {}",

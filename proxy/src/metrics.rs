@@ -1,5 +1,5 @@
 //! Prometheus metrics: one registry, typed fields, labels of bounded cardinality (target,
-//! outcome, reason; never a client address, user or query).
+//! outcome, reason, configured secret names; never a client address, user or query).
 
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -21,8 +21,19 @@ pub struct Metrics {
     pub auth_successes: IntCounterVec,
     /// Authentication attempts refused by the failure rate limit, by scope.
     pub auth_rate_limited: IntCounterVec,
-    /// Secrets Manager reads by outcome (`succeeded`, `failed`, `invalid`).
+    /// Secrets Manager reads by version stage and outcome (`succeeded`, `not_found`,
+    /// `failed`, `invalid`).
     pub secret_fetches: IntCounterVec,
+    /// Rotations noticed (the `AWSCURRENT` version changed), by target.
+    pub secret_rotations: IntCounterVec,
+    /// 1 for the version in use of each secret, labelled with a hash of its version id.
+    pub secret_version: IntGaugeVec,
+    /// 1 while a target serves with cached credentials because refreshing them fails
+    /// (fail-static), by target.
+    pub credentials_stale: IntGaugeVec,
+    /// Backend logins that succeeded only after the first password was refused (28P01),
+    /// by target and the login that worked (`refetched`, `pending`, `previous`).
+    pub backend_login_recoveries: IntCounterVec,
     /// STS token verifications by outcome (`verified`, `refused`, `cached`, `unreachable`,
     /// `timeout`).
     pub sts_requests: IntCounterVec,
@@ -64,6 +75,12 @@ impl Metrics {
                 IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
             )
         };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                &r,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
         Self {
             client_connections: register(
                 &r,
@@ -100,8 +117,28 @@ impl Metrics {
             ),
             secret_fetches: counter_vec(
                 "pgwarden_secret_fetches_total",
-                "Secrets Manager reads by outcome",
-                &["outcome"],
+                "Secrets Manager reads by version stage and outcome",
+                &["stage", "outcome"],
+            ),
+            secret_rotations: counter_vec(
+                "pgwarden_secret_rotations_detected_total",
+                "Secret rotations noticed (the AWSCURRENT version changed), by target",
+                &["target"],
+            ),
+            secret_version: gauge_vec(
+                "pgwarden_secret_version",
+                "1 for the version in use of each secret (version is a hash of its version id)",
+                &["target", "secret", "version"],
+            ),
+            credentials_stale: gauge_vec(
+                "pgwarden_credentials_stale",
+                "1 while a target serves with cached credentials because refreshing them fails",
+                &["target"],
+            ),
+            backend_login_recoveries: counter_vec(
+                "pgwarden_backend_login_recoveries_total",
+                "Backend logins that succeeded after a refused password, by the login that worked",
+                &["target", "via"],
             ),
             sts_requests: counter_vec(
                 "pgwarden_sts_requests_total",

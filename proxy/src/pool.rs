@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use crate::backend::{self, BackendConn, ConnectError};
+use crate::backend::{self, BackendConn, ConnectError, LoggedIn};
 use crate::config::TargetConfig;
-use crate::credentials::CredentialStore;
+use crate::credentials::{CredentialStore, Login, Refresh};
 use crate::metrics::Metrics;
 use crate::session::settings::Signature;
 
@@ -56,6 +56,8 @@ pub enum BorrowError {
     TargetFull(Duration, String),
     #[error("no credentials for database user {0:?}")]
     UnknownUser(String),
+    #[error("the database login for user {0:?} could not be read from Secrets Manager")]
+    CredentialsUnavailable(String),
     #[error(transparent)]
     Connect(#[from] ConnectError),
 }
@@ -463,47 +465,7 @@ impl Pool {
             .await
             .map_err(|_| self.timeout_error(started))?
             .expect("the login semaphore is never closed");
-        let creds = target
-            .credentials
-            .get(&self.key.user)
-            .ok_or_else(|| BorrowError::UnknownUser(self.key.user.clone()))?;
-        let mut backoff = Duration::from_millis(50);
-        let logged_in = loop {
-            let started = Instant::now();
-            let budget = deadline
-                .saturating_duration_since(started)
-                .min(target.config.connect_timeout)
-                .max(Duration::from_millis(1));
-            let attempt = backend::connect(
-                &target.config,
-                target.connector.as_ref(),
-                &self.key.database,
-                &self.key.user,
-                &creds.password,
-                budget,
-            )
-            .await;
-            target
-                .metrics
-                .backend_login_seconds
-                .observe(started.elapsed().as_secs_f64());
-            match attempt {
-                Ok(logged_in) => break logged_in,
-                Err(e) => {
-                    target
-                        .metrics
-                        .backend_setups
-                        .with_label_values(&[target.name(), "failed"])
-                        .inc();
-                    if !e.is_transient() || Instant::now() + backoff >= deadline {
-                        return Err(e.into());
-                    }
-                    debug!(target_name = %target.name(), error = %e, "backend login failed, retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-            }
-        };
+        let logged_in = self.log_in(deadline).await?;
         target
             .metrics
             .backend_setups
@@ -537,6 +499,97 @@ impl Pool {
                 .backend_connections
                 .with_label_values(&[target.name(), "borrowed"]),
         ))
+    }
+
+    /// Logs in with the current login; when the database refuses its password (28P01),
+    /// reads the secret again (one call for every login refused at once) and tries the
+    /// new current, the pending and the previous login in turn.
+    async fn log_in(&self, deadline: Instant) -> Result<LoggedIn, BorrowError> {
+        let target = &self.target;
+        let user = target
+            .credentials
+            .user(&self.key.user)
+            .await
+            .ok_or_else(|| BorrowError::UnknownUser(self.key.user.clone()))?;
+        let seen = user.generation();
+        let first = user
+            .current()
+            .ok_or_else(|| BorrowError::CredentialsUnavailable(self.key.user.clone()))?;
+        let refused = match self.connect_as(&first, deadline).await {
+            Err(e) if e.is_password_refused() => e,
+            other => return other.map_err(BorrowError::from),
+        };
+        target
+            .credentials
+            .refresh(&user, seen, Refresh::BackendRefused)
+            .await;
+        let mut tried = vec![first];
+        let mut last_error = refused;
+        for (via, login) in user.candidates() {
+            if tried
+                .iter()
+                .any(|t| t.username == login.username && t.password == login.password)
+            {
+                continue;
+            }
+            match self.connect_as(&login, deadline).await {
+                Ok(logged_in) => {
+                    info!(target_name = %target.name(), via, "backend login succeeded with a rotated login");
+                    target
+                        .metrics
+                        .backend_login_recoveries
+                        .with_label_values(&[target.name(), via])
+                        .inc();
+                    return Ok(logged_in);
+                }
+                Err(e) if e.is_password_refused() => last_error = e,
+                Err(e) => return Err(e.into()),
+            }
+            tried.push(login);
+        }
+        Err(last_error.into())
+    }
+
+    /// One login, retried with backoff while the failure looks transient.
+    async fn connect_as(&self, login: &Login, deadline: Instant) -> Result<LoggedIn, ConnectError> {
+        let target = &self.target;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let started = Instant::now();
+            let budget = deadline
+                .saturating_duration_since(started)
+                .min(target.config.connect_timeout)
+                .max(Duration::from_millis(1));
+            let attempt = backend::connect(
+                &target.config,
+                target.connector.as_ref(),
+                &self.key.database,
+                &login.username,
+                &login.password,
+                budget,
+            )
+            .await;
+            target
+                .metrics
+                .backend_login_seconds
+                .observe(started.elapsed().as_secs_f64());
+            match attempt {
+                Ok(logged_in) => return Ok(logged_in),
+                Err(e) => {
+                    target
+                        .metrics
+                        .backend_setups
+                        .with_label_values(&[target.name(), "failed"])
+                        .inc();
+                    if !e.is_transient() || Instant::now() + backoff >= deadline {
+                        return Err(e);
+                    }
+                    debug!(target_name = %target.name(), error = %e, "backend login failed, retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
     }
 
     async fn target_capacity(

@@ -71,6 +71,13 @@ impl Server {
                 }
             });
         }
+        for target in &app.targets {
+            let target = target.clone();
+            let shutdown = app.shutdown.clone();
+            tokio::spawn(async move {
+                crate::credentials::keep_fresh(&target.credentials, shutdown).await;
+            });
+        }
         if app.tls.is_some() {
             tokio::spawn(reload_tls_on_sighup(app.clone()));
         }

@@ -1,5 +1,5 @@
-"""Creates (or, with --pending, stages as AWSPENDING) an RDS-format secret in the local AWS
-emulator. Usage: create_secret.py ENDPOINT NAME USERNAME PASSWORD"""
+"""Creates an RDS-format secret in the local AWS emulator (its first version is AWSCURRENT).
+Usage: create_secret.py ENDPOINT NAME USERNAME PASSWORD"""
 
 import json
 import sys

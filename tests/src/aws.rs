@@ -39,10 +39,46 @@ impl AwsEmulator {
         EMULATOR.get_or_init(AwsEmulator::start)
     }
 
+    /// An emulator of the calling test's own, which it may stop and start again (on the
+    /// same port, with its state wiped, as after a restart).
+    pub fn dedicated() -> AwsEmulator {
+        AwsEmulator::start_on(crate::free_port())
+    }
+
+    /// Kills the emulator: calls fail with "connection refused" until `restart`.
+    pub fn stop(&self) {
+        let mut child = self._child.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Starts the emulator again on the same port, with no secrets.
+    pub fn restart(&self) {
+        let port: u16 = self
+            .endpoint
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("the endpoint ends with the port");
+        let fresh = AwsEmulator::start_on(port);
+        assert_eq!(fresh.endpoint, self.endpoint);
+        let child = fresh._child.into_inner().unwrap_or_else(|e| e.into_inner());
+        *self._child.lock().unwrap_or_else(|e| e.into_inner()) = child;
+    }
+
     fn start() -> AwsEmulator {
+        AwsEmulator::start_on(0)
+    }
+
+    fn start_on(port: u16) -> AwsEmulator {
         let mut child = Command::new(python())
             .arg(script("aws-emulator/moto_launcher.py"))
-            .args(["--port", "0", "--verify-sts", "--exit-on-stdin-eof"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--verify-sts",
+                "--exit-on-stdin-eof",
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -150,6 +186,34 @@ impl AwsEmulator {
             .args([&self.endpoint, name, username, password])
             .output()
             .expect("run create_secret.py");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl AwsEmulator {
+    /// A rotation function's createSecret step: stages `username`/`password` as a new
+    /// version labelled `AWSPENDING`; returns its version id.
+    pub fn stage_pending_version(&self, name: &str, username: &str, password: &str) -> String {
+        self.rotate_step(&["pending", name, username, password])
+    }
+
+    /// A rotation function's finishSecret step: moves `AWSCURRENT` to `version`.
+    pub fn finish_rotation(&self, name: &str, version: &str) {
+        self.rotate_step(&["finish", name, version]);
+    }
+
+    fn rotate_step(&self, args: &[&str]) -> String {
+        let out = Command::new(python())
+            .arg(script("python/rotate_secret.py"))
+            .arg(&self.endpoint)
+            .args(args)
+            .output()
+            .expect("run rotate_secret.py");
         assert!(
             out.status.success(),
             "{}",

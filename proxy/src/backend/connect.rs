@@ -60,6 +60,11 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
+    /// Postgres refused the password (28P01): the login may have been rotated.
+    pub fn is_password_refused(&self) -> bool {
+        matches!(self, ConnectError::Server { fields, .. } if fields.code == "28P01")
+    }
+
     /// Worth another attempt (the server may be restarting); a refusal by Postgres is not.
     pub fn is_transient(&self) -> bool {
         matches!(

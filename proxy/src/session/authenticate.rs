@@ -12,7 +12,11 @@ use pgwarden_protocol::limits::MAX_AUTH_MESSAGE;
 use pgwarden_protocol::sqlstate;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::credentials::CredentialStore;
+use std::time::Instant;
+
+use tracing::warn;
+
+use crate::credentials::{CredentialStore, Refresh};
 
 /// Why authentication failed: the error for the client and the metric label.
 pub struct AuthFailure {
@@ -37,16 +41,31 @@ pub async fn authenticate(
     credentials: &CredentialStore,
     user: &str,
 ) -> Result<(), AuthFailure> {
-    let mut exchange = match credentials.get(user) {
-        Some(c) => ScramExchange::new(vec![c.scram.clone()]).map_err(|e| {
+    let logins = credentials.user(user).await;
+    let secrets = logins
+        .as_ref()
+        .map(|l| l.scram_secrets(Instant::now()))
+        .unwrap_or_default();
+    let mut exchange = if secrets.is_empty() {
+        if logins.is_some() {
+            // Known user whose secret could not be read: fail like a wrong password so
+            // the answer does not tell which users exist; the log says why.
+            warn!(
+                user,
+                "no login for this user could be read from Secrets Manager"
+            );
+        }
+        ScramExchange::doomed(user, credentials.mock_key())
+    } else {
+        ScramExchange::new(secrets).map_err(|e| {
             AuthFailure::new(
                 "internal",
                 sqlstate::INTERNAL_ERROR,
                 format!("authentication setup failed: {e}"),
             )
-        })?,
-        None => ScramExchange::doomed(user, credentials.mock_key()),
+        })?
     };
+    let seen = logins.as_ref().map(|l| l.generation());
     let mut out = BytesMut::with_capacity(128);
     backend::authentication_sasl(&mut out, &[pgwarden_auth::scram::SCRAM_SHA_256]);
     send(stream, &out).await?;
@@ -61,7 +80,23 @@ pub async fn authenticate(
     send(stream, &out).await?;
 
     let last = read_password_message(stream, buf).await?;
-    let server_final = exchange.client_final(&last).map_err(|e| scram(e, user))?;
+    let server_final = match (exchange.client_final(&last), &logins, seen) {
+        (Err(ScramError::InvalidProof), Some(logins), Some(seen)) if logins.has_secret() => {
+            // The client may know a password rotated since pgwarden last read the secret.
+            if credentials
+                .refresh(logins, seen, Refresh::ClientRefused)
+                .await
+            {
+                exchange
+                    .replace_secrets(logins.scram_secrets(Instant::now()))
+                    .and_then(|()| exchange.client_final(&last))
+            } else {
+                Err(ScramError::InvalidProof)
+            }
+        }
+        (result, _, _) => result,
+    }
+    .map_err(|e| scram(e, user))?;
     out.clear();
     backend::authentication_sasl_final(&mut out, &server_final);
     backend::authentication_ok(&mut out);

@@ -226,6 +226,10 @@ impl Failure {
                 ErrorReport::fatal(sqlstate::TOO_MANY_CONNECTIONS, e.to_string())
                     .with_hint("raise pool_size or borrow_timeout, or lower the client load"),
             ),
+            e @ BorrowError::CredentialsUnavailable(_) => Failure::Report(ErrorReport::fatal(
+                sqlstate::CONNECTION_FAILURE,
+                e.to_string(),
+            )),
             e @ BorrowError::UnknownUser(_) => Failure::Report(ErrorReport::fatal(
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                 e.to_string(),
