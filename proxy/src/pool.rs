@@ -513,12 +513,13 @@ impl Pool {
             .ok_or_else(|| BorrowError::UnknownUser(self.key.user.clone()))?;
         let seen = user.generation();
         let first = user
-            .current()
+            .preferred()
             .ok_or_else(|| BorrowError::CredentialsUnavailable(self.key.user.clone()))?;
         let refused = match self.connect_as(&first, deadline).await {
             Err(e) if e.is_password_refused() => e,
             other => return other.map_err(BorrowError::from),
         };
+        user.mark_refused(&first);
         target
             .credentials
             .refresh(&user, seen, Refresh::BackendRefused)
@@ -542,7 +543,10 @@ impl Pool {
                         .inc();
                     return Ok(logged_in);
                 }
-                Err(e) if e.is_password_refused() => last_error = e,
+                Err(e) if e.is_password_refused() => {
+                    user.mark_refused(&login);
+                    last_error = e;
+                }
                 Err(e) => return Err(e.into()),
             }
             tried.push(login);

@@ -74,6 +74,9 @@ struct Versions {
     previous: Option<Arc<Login>>,
     /// Until when clients may still authenticate with `previous`.
     previous_accepted_until: Option<Instant>,
+    /// The login Postgres last refused (28P01): skipped while another is known, so a
+    /// rotation window does not cost every new backend connection a refused attempt.
+    refused: Option<Arc<Login>>,
     /// When Secrets Manager was last asked, and how many refreshes in a row failed.
     last_attempt: Option<Instant>,
     failures: u32,
@@ -116,9 +119,28 @@ impl UserLogins {
         self.generation.load(Ordering::SeqCst)
     }
 
-    /// The login to try first: the current version.
+    /// The current version.
     pub fn current(&self) -> Option<Arc<Login>> {
         self.versions().current.clone()
+    }
+
+    /// The login to try first: current, unless Postgres refused it and a pending or
+    /// previous version is known.
+    pub fn preferred(&self) -> Option<Arc<Login>> {
+        let v = self.versions();
+        let refused = |l: &&Arc<Login>| v.refused.as_ref().is_some_and(|r| r.same_login(l));
+        let preferred = [&v.current, &v.pending, &v.previous]
+            .into_iter()
+            .flatten()
+            .find(|l| !refused(l))
+            .or(v.current.as_ref())
+            .cloned();
+        preferred
+    }
+
+    /// Remembers that Postgres refused `login`'s password.
+    pub fn mark_refused(&self, login: &Arc<Login>) {
+        self.versions().refused = Some(login.clone());
     }
 
     /// Every login worth trying after the current one was refused: current, pending,

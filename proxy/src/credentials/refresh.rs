@@ -19,6 +19,11 @@ use crate::secrets::{FetchedSecret, SecretsError, AWSCURRENT, AWSPENDING, AWSPRE
 /// this often per secret, so guessing passwords cannot turn into Secrets Manager calls.
 const CLIENT_REFRESH_MIN_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Refreshes after a backend 28P01 happen at most this often per secret (later ones wait
+/// for the rest of the interval), so a password that is simply wrong cannot turn every
+/// backend login into Secrets Manager calls.
+const BACKEND_REFRESH_MIN_INTERVAL: Duration = Duration::from_secs(1);
+
 /// First retry delay after a failed refresh; doubles up to the refresh interval.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 
@@ -57,11 +62,19 @@ impl CredentialStore {
         if user.generation() != seen {
             return true;
         }
-        let last_attempt = user.versions().last_attempt;
-        if why == Refresh::ClientRefused
-            && last_attempt.is_some_and(|t| t.elapsed() < CLIENT_REFRESH_MIN_INTERVAL)
-        {
-            return false;
+        let since_last = user.versions().last_attempt.map(|t| t.elapsed());
+        match why {
+            Refresh::ClientRefused
+                if since_last.is_some_and(|d| d < CLIENT_REFRESH_MIN_INTERVAL) =>
+            {
+                return false;
+            }
+            Refresh::BackendRefused => {
+                if let Some(d) = since_last {
+                    tokio::time::sleep(BACKEND_REFRESH_MIN_INTERVAL.saturating_sub(d)).await;
+                }
+            }
+            _ => {}
         }
         let mut fetched = Vec::new();
         for &stage in why.stages() {
