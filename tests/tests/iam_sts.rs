@@ -341,17 +341,26 @@ async fn the_bench_logs_in_with_tokens_from_the_same_code() {
     let (_cluster, pgwarden, emulator) = start(false, true).await;
     let ids = emulator.identities("orders-bench");
     let bench = pgwarden_tests::pgwarden_binary().with_file_name("pgwarden-bench");
+    let out_dir = tempfile::tempdir().expect("temp dir");
     let out = tokio::process::Command::new(bench)
         .args([
-            "--dsn",
+            "--target",
             &format!(
-                "host=127.0.0.1 port={} user=app dbname=app",
+                "pgwarden=host=127.0.0.1 port={} user=app dbname=app",
                 pgwarden.port()
             ),
+            "--workloads",
+            "steady",
+            "--rounds",
+            "1",
             "--clients",
             "4",
             "--duration",
             "2s",
+            "--select",
+            "select 1",
+            "--out",
+            &out_dir.path().display().to_string(),
             "--iam",
             "sts",
             "--iam-server-id",
@@ -367,12 +376,17 @@ async fn the_bench_logs_in_with_tokens_from_the_same_code() {
         .output()
         .await
         .expect("run pgwarden-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "{stdout}\n{}",
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("errors 0 "), "{stdout}");
-    assert!(!stdout.contains("transactions 0 "), "{stdout}");
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out_dir.path().join("report.json")).expect("report.json"),
+    )
+    .expect("report.json is JSON");
+    let sample = &report["samples"][0];
+    assert_eq!(sample["errors"], serde_json::json!({}), "{sample}");
+    assert!(sample["completed"].as_u64().unwrap_or(0) > 0, "{sample}");
 }

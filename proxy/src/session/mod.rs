@@ -110,13 +110,14 @@ pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
     async move {
         let mut buf = BytesMut::with_capacity(512);
         let deadline = Instant::now() + app.config.server.startup_timeout;
-        let negotiated = handshake(tcp, &mut buf, app.tls.as_ref(), deadline.into()).await;
+        let negotiated =
+            Box::pin(handshake(tcp, &mut buf, app.tls.as_ref(), deadline.into())).await;
         let (mut stream, message) = match negotiated {
             Ok(Negotiated {
                 handshake: Handshake::Cancel(key),
                 ..
             }) => {
-                let outcome = app.cancels.cancel(key).await;
+                let outcome = Box::pin(app.cancels.cancel(key)).await;
                 app.metrics
                     .cancels
                     .with_label_values(&[outcome.as_str()])
@@ -133,7 +134,7 @@ pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
                 e @ (HandshakeError::Protocol(_) | HandshakeError::Timeout),
             )) => {
                 let report = ErrorReport::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string());
-                fail(&app, &mut stream, &report.into()).await;
+                Box::pin(fail(&app, &mut stream, &report.into())).await;
                 return;
             }
             Err(_) => {
@@ -150,16 +151,16 @@ pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                 "pgwarden requires TLS: connect with sslmode=require or stronger",
             );
-            fail(&app, &mut stream, &report.into()).await;
+            Box::pin(fail(&app, &mut stream, &report.into())).await;
             return;
         }
         let setup = tokio::time::timeout_at(
             deadline.into(),
-            establish(&app, &mut stream, &mut buf, &message, peer),
+            Box::pin(establish(&app, &mut stream, &mut buf, &message, peer)),
         )
         .await;
         let setup = match setup {
-            Ok(Ok(pool)) => start_session(&app, &mut stream, pool, &message).await,
+            Ok(Ok(pool)) => Box::pin(start_session(&app, &mut stream, pool, &message)).await,
             Ok(Err(failure)) => Err(failure),
             Err(_) => Err(ErrorReport::fatal(
                 sqlstate::CONNECTION_FAILURE,
@@ -173,7 +174,7 @@ pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
         let (mut session, held) = match setup {
             Ok(ready) => ready,
             Err(failure) => {
-                fail(&app, &mut stream, &failure).await;
+                Box::pin(fail(&app, &mut stream, &failure)).await;
                 return;
             }
         };
@@ -183,7 +184,9 @@ pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
             .inc();
         let started = Instant::now();
         info!("client connected");
-        relay::serve(&mut stream, buf, &mut session, held).await;
+        // Boxed, like every large step above: a task's allocation is the size of its whole
+        // future, and an idle client should not pay for the handshake's state.
+        Box::pin(relay::serve(&mut stream, buf, &mut session, held)).await;
         info!(
             duration_ms = started.elapsed().as_millis() as u64,
             pinned = session.pinned.map(|p| p.as_str()),

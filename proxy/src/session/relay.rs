@@ -75,7 +75,7 @@ pub async fn serve(
                     }
                     continue;
                 }
-                match borrow_watching_client(stream, &mut cbuf, s).await {
+                match Box::pin(borrow_watching_client(stream, &mut cbuf, s)).await {
                     Some(Ok(backend)) => backend,
                     Some(Err(failure)) => {
                         let mut out = BytesMut::new();
@@ -89,7 +89,7 @@ pub async fn serve(
         };
         s.cancel.attach(backend.addr, backend.key);
         let mut tx = TxState::default();
-        let end = relay(stream, &mut cbuf, &mut backend, s, &mut tx).await;
+        let end = Box::pin(relay(stream, &mut cbuf, &mut backend, s, &mut tx)).await;
         s.cancel.detach();
         if !matches!(end, End::Idle) {
             debug!(end = ?end, tx = ?tx, "relay round ended");
@@ -104,18 +104,18 @@ pub async fn serve(
                 )
                 .encode(&mut out);
                 let _ = send(stream, &out).await;
-                cleanup::release_after_client(s, backend, tx).await;
+                Box::pin(cleanup::release_after_client(s, backend, tx)).await;
                 return;
             }
             End::ClientTerminated | End::ClientGone => {
-                cleanup::release_after_client(s, backend, tx).await;
+                Box::pin(cleanup::release_after_client(s, backend, tx)).await;
                 return;
             }
             End::ClientProtocol(e) => {
                 let mut out = BytesMut::new();
                 ErrorReport::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()).encode(&mut out);
                 let _ = send(stream, &out).await;
-                cleanup::release_after_client(s, backend, tx).await;
+                Box::pin(cleanup::release_after_client(s, backend, tx)).await;
                 return;
             }
             End::BackendGone => {
@@ -124,7 +124,7 @@ pub async fn serve(
                 // Requests that never got an answer are answered with errors below; bytes
                 // not yet processed go to the next backend. Postgres ignores stray COPY data,
                 // so a COPY the client was feeding fails cleanly.
-                if report_lost_backend(stream, &tx).await.is_err() {
+                if Box::pin(report_lost_backend(stream, &tx)).await.is_err() {
                     return;
                 }
                 if !s.client_walker.at_boundary() {
