@@ -104,6 +104,11 @@ pub struct ServerConfig {
     /// Default 10000.
     #[serde(default = "defaults::max_client_connections")]
     pub max_client_connections: usize,
+    /// Connections the kernel queues before pgwarden accepts them (the `listen` backlog,
+    /// capped by `net.core.somaxconn`). A burst of new clients beyond it sees dropped SYNs
+    /// and a one-second retransmit. Default `4096`.
+    #[serde(default = "defaults::listen_backlog")]
+    pub listen_backlog: u32,
     /// Time a new client has to finish the startup and authentication phase. Default `10s`.
     #[serde(default = "defaults::startup_timeout", with = "humantime_serde")]
     pub startup_timeout: Duration,
@@ -281,6 +286,9 @@ mod defaults {
     }
     pub fn admin_listen() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 9930))
+    }
+    pub fn listen_backlog() -> u32 {
+        4096
     }
     pub fn max_client_connections() -> usize {
         10_000

@@ -110,6 +110,10 @@ impl Target {
             .entry(key.clone())
             .or_insert_with(|| {
                 Arc::new(Pool {
+                    borrow_seconds: self
+                        .metrics
+                        .borrow_seconds
+                        .with_label_values(&[self.name()]),
                     target: self.clone(),
                     key,
                     state: Mutex::new(PoolState::default()),
@@ -232,6 +236,8 @@ struct PoolState {
 /// Backend connections for one (database, user) of a target.
 pub struct Pool {
     target: Arc<Target>,
+    /// `pgwarden_borrow_duration_seconds{target}`, looked up once (it is hit per transaction).
+    borrow_seconds: prometheus::Histogram,
     pub key: PoolKey,
     state: Mutex<PoolState>,
     /// ParameterStatus values of the first login, sent to clients at startup.
@@ -428,11 +434,7 @@ impl Pool {
     }
 
     fn observe_borrow(&self, started: Instant) {
-        self.target
-            .metrics
-            .borrow_seconds
-            .with_label_values(&[self.target.name()])
-            .observe(started.elapsed().as_secs_f64());
+        self.borrow_seconds.observe(started.elapsed().as_secs_f64());
     }
 
     fn timeout_error(&self, started: Instant) -> BorrowError {

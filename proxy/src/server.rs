@@ -38,8 +38,7 @@ impl Server {
         let listen_addr = config.server.listen;
         let admin_addr = config.server.admin_listen;
         let app = App::new(config).await?;
-        let listener = TcpListener::bind(listen_addr)
-            .await
+        let listener = listen(listen_addr, app.config.server.listen_backlog)
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen_addr}: {e}"))?;
         let admin_listener = TcpListener::bind(admin_addr)
             .await
@@ -130,6 +129,19 @@ impl Server {
             );
         }
     }
+}
+
+/// A listener with an explicit backlog (`TcpListener::bind` uses 128, which a burst of
+/// Lambda invocations overflows).
+fn listen(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 async fn refuse(mut stream: TcpStream) {

@@ -28,8 +28,14 @@ use super::plan::Expect;
 use super::{cleanup, Failure, Session};
 use crate::backend::BackendConn;
 
-/// Reads are made in pieces of at least this much spare room.
+/// When a buffer has less spare room than `MIN_SPARE`, it grows by this much.
 const READ_CHUNK: usize = 16 * 1024;
+/// Reads are made with at least this much spare room.
+const MIN_SPARE: usize = 256;
+/// The buffer an idle client gets back when it speaks again: small enough for the
+/// allocator's per-thread cache (one allocation per transaction, kept cheap), large enough
+/// for a typical query; it grows when a message needs more.
+const FIRST_READ: usize = 1000;
 /// A client buffer above this size stops being read while waiting for a backend.
 const MAX_WAITING_BUFFER: usize = 1 << 20;
 
@@ -166,7 +172,7 @@ async fn wait_for_client(stream: &mut ClientStream, cbuf: &mut BytesMut, s: &Ses
                 return false;
             }
         }
-        cbuf.reserve(READ_CHUNK);
+        cbuf.reserve(FIRST_READ);
         match stream.read_now(cbuf) {
             Some(Ok(0) | Err(_)) => return false,
             Some(Ok(_)) => return true,
@@ -228,7 +234,7 @@ enum Event {
 const HIGH_WATER: usize = 128 * 1024;
 
 fn reserve(buf: &mut BytesMut) {
-    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+    if buf.capacity() - buf.len() < MIN_SPARE {
         buf.reserve(READ_CHUNK);
     }
 }
