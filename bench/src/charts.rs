@@ -1,6 +1,6 @@
 //! PNG charts of a report (plotters, pure-Rust font rendering with a TTF read at run time):
 //! statement latency distribution per target, throughput against client count, and
-//! database backend connections over time.
+//! database backends in use over time.
 
 use std::path::Path;
 
@@ -207,7 +207,7 @@ fn throughput(path: &Path, summaries: &[Summary], targets: &[String]) -> ChartRe
     Ok(())
 }
 
-/// Database client backends over time during one run per target.
+/// Database backends in use (not idle) over time during one run per target.
 fn backends(path: &Path, workload: &str, samples: &[Sample], targets: &[String]) -> ChartResult {
     let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -225,7 +225,7 @@ fn backends(path: &Path, workload: &str, samples: &[Sample], targets: &[String])
         .fold(1.0, f64::max);
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            format!("{workload}: database backend connections over time"),
+            format!("{workload}: database backends in use over time"),
             ("sans-serif", 24),
         )
         .margin(15)
@@ -235,7 +235,7 @@ fn backends(path: &Path, workload: &str, samples: &[Sample], targets: &[String])
     chart
         .configure_mesh()
         .x_desc("seconds")
-        .y_desc("client backends")
+        .y_desc("backends not idle")
         .draw()?;
     for (i, (target, sample)) in runs.into_iter().enumerate() {
         let points: Vec<(f64, f64)> = sample

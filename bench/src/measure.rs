@@ -1,5 +1,5 @@
 //! What a run measures: latency histograms (HDR), errors by SQLSTATE, a process's CPU time
-//! and resident memory, and the database's backend connections over time.
+//! and resident memory, and the database backends in use over time.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -116,8 +116,10 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-/// Samples the number of client backends of the monitor's database (not counting the
-/// monitor) every 250 ms until cancelled; returns (seconds since start, connections).
+/// Samples the number of client backends of the monitor's database that are not idle (the
+/// targets share one database, so open-but-idle pool connections of the other proxies are
+/// left out), not counting the monitor, every 250 ms until cancelled; returns (seconds
+/// since start, backends in use).
 pub async fn sample_backends(
     monitor: tokio_postgres::Client,
     stop: CancellationToken,
@@ -125,7 +127,7 @@ pub async fn sample_backends(
     let started = Instant::now();
     let mut points = Vec::new();
     let sql = "select count(*)::int4 from pg_stat_activity where backend_type = 'client backend' \
-               and datname = current_database() and pid <> pg_backend_pid()";
+               and datname = current_database() and state <> 'idle' and pid <> pg_backend_pid()";
     loop {
         if let Ok(row) = monitor.query_one(sql, &[]).await {
             let n: i32 = row.get(0);

@@ -229,9 +229,17 @@ struct PoolState {
     /// surplus connections age out through `idle_timeout`.
     idle: Vec<BackendConn>,
     open: usize,
-    /// Clients waiting for a connection, first come first served.
+    /// Clients waiting for a connection, first come first served. Waiters that left stay
+    /// until `hand_off` skips them or a prune removes them.
     waiters: VecDeque<oneshot::Sender<Grant>>,
+    /// Queue length at which the next enqueue prunes waiters that left. Doubling it after
+    /// each prune keeps enqueueing O(1) amortized: scanning the queue on every enqueue cost
+    /// O(clients) per transaction, which halved throughput at 10,000 clients.
+    prune_at: usize,
 }
+
+/// Smallest queue length worth pruning.
+const MIN_PRUNE_AT: usize = 64;
 
 /// Backend connections for one (database, user) of a target.
 pub struct Pool {
@@ -404,7 +412,10 @@ impl Pool {
             return (Step::Create(slot), discard);
         }
         let (tx, rx) = oneshot::channel();
-        st.waiters.retain(|w| !w.is_closed());
+        if st.waiters.len() >= st.prune_at {
+            st.waiters.retain(|w| !w.is_closed());
+            st.prune_at = (2 * st.waiters.len()).max(MIN_PRUNE_AT);
+        }
         st.waiters.push_back(tx);
         (Step::Wait(rx), discard)
     }
