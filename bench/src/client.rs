@@ -1,12 +1,6 @@
-//! Opening a client connection to a target: plain or TLS (rustls; the bench does not check
-//! the server's certificate, it measures, it does not authenticate), with the target's
-//! password or an IAM token.
+//! Opening a client connection to a target: plain or TLS (rustls, through pgwarden's own
+//! `sslmode=require` config: the bench measures, it does not authenticate the server).
 
-use std::sync::Arc;
-
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -27,12 +21,7 @@ impl Connector {
         } else {
             SslMode::Disable
         });
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let rustls = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
-            .with_no_client_auth();
+        let rustls = pgwarden::tls::unverified_client_config()?;
         Ok(Self {
             config,
             tls: MakeRustlsConnect::new(rustls),
@@ -51,53 +40,4 @@ impl Connector {
 pub fn error_key(e: &tokio_postgres::Error) -> String {
     e.code()
         .map_or_else(|| "connection".to_owned(), |c| c.code().to_owned())
-}
-
-/// Accepts any server certificate (but still checks the handshake signatures).
-#[derive(Debug)]
-struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }

@@ -126,14 +126,20 @@ pub fn backend_connector(
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
-        BackendTlsMode::Require | BackendTlsMode::Prefer => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(
-                accept_any::AcceptAnyCertificate(provider()),
-            ))
-            .with_no_client_auth(),
+        BackendTlsMode::Require | BackendTlsMode::Prefer => unverified_client_config()?,
     };
     Ok(Some(TlsConnector::from(Arc::new(config))))
+}
+
+/// A client config that encrypts without authenticating the server (libpq's
+/// `sslmode=require`), handshake signatures still checked. Also used by the bench.
+pub fn unverified_client_config() -> Result<ClientConfig, TlsError> {
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(accept_any::AcceptAnyCertificate(provider())))
+        .with_no_client_auth())
 }
 
 /// The server name to verify a target's certificate against.

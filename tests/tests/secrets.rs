@@ -39,6 +39,45 @@ fn secret_name(test: &str) -> String {
     format!("rds/{test}-{}", std::process::id())
 }
 
+/// How a test's pgwarden reads its secret.
+struct SecretSetup<'a> {
+    emulator: &'a AwsEmulator,
+    /// Names the secret (see `secret_name`).
+    test: &'a str,
+    /// `app`'s first password: the role's and the secret's.
+    password: &'a str,
+    /// List the secret as `{ id, user = "app" }` (read on first use) instead of by name.
+    keyed_by_user: bool,
+    /// More keys of the credentials table, e.g. `, refresh_interval = "1s"`.
+    credentials: &'a str,
+    options: PgwardenOptions,
+}
+
+/// A cluster with role and database `app`, a secret holding `app`'s login, and pgwarden
+/// reading it from the emulator; returns the secret's name too.
+async fn start_with_secret(setup: SecretSetup<'_>) -> (PgCluster, Pgwarden, String) {
+    let cluster = PgCluster::start();
+    let name = secret_name(setup.test);
+    setup.emulator.create_secret(&name, "app", setup.password);
+    let entry = if setup.keyed_by_user {
+        format!("{{ id = {name:?}, user = \"app\" }}")
+    } else {
+        format!("{name:?}")
+    };
+    let pgwarden = Pgwarden::start(
+        &cluster,
+        PgwardenOptions {
+            // The users list only creates the role; the login comes from the secret.
+            users: vec![("app".into(), setup.password.into())],
+            credentials_toml: Some(secretsmanager(setup.emulator, &entry, setup.credentials)),
+            env: aws_env(),
+            ..setup.options
+        },
+    )
+    .await;
+    (cluster, pgwarden, name)
+}
+
 /// Asserts that no password appears in anything pgwarden logged or exports.
 async fn assert_no_password_leaked(pgwarden: &Pgwarden, passwords: &[&str]) {
     let log = pgwarden.log();
@@ -143,21 +182,15 @@ async fn sleep_secs(seconds: u64) {
 
 #[tokio::test]
 async fn pgwarden_logs_in_with_the_login_read_from_secrets_manager() {
-    let emulator = AwsEmulator::shared();
-    let cluster = PgCluster::start();
     let password = "sm-secret-password-42";
-    let name = secret_name("read-at-start");
-    emulator.create_secret(&name, "app", password);
-    let pgwarden = Pgwarden::start(
-        &cluster,
-        PgwardenOptions {
-            // The users list only creates the role; the login comes from the secret.
-            users: vec![("app".into(), password.into())],
-            credentials_toml: Some(secretsmanager(emulator, &format!("{name:?}"), "")),
-            env: aws_env(),
-            ..PgwardenOptions::default()
-        },
-    )
+    let (_cluster, pgwarden, _) = start_with_secret(SecretSetup {
+        emulator: AwsEmulator::shared(),
+        test: "read-at-start",
+        password,
+        keyed_by_user: false,
+        credentials: "",
+        options: PgwardenOptions::default(),
+    })
     .await;
     let client = pgwarden.connect("app", password, "app").await;
     let row = client
@@ -179,27 +212,20 @@ async fn pgwarden_logs_in_with_the_login_read_from_secrets_manager() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_cold_logins_read_the_secret_once() {
-    let emulator = AwsEmulator::shared();
-    let cluster = PgCluster::start();
     let password = "cold-burst-password-7";
-    let name = secret_name("cold-burst");
-    emulator.create_secret(&name, "app", password);
-    let pgwarden = Pgwarden::start(
-        &cluster,
-        PgwardenOptions {
-            users: vec![("app".into(), password.into())],
-            // With a client-facing `user`, the secret is read on first use, not at start.
-            credentials_toml: Some(secretsmanager(
-                emulator,
-                &format!("{{ id = {name:?}, user = \"app\" }}"),
-                "",
-            )),
+    // With a client-facing `user`, the secret is read on first use, not at start.
+    let (_cluster, pgwarden, _) = start_with_secret(SecretSetup {
+        emulator: AwsEmulator::shared(),
+        test: "cold-burst",
+        password,
+        keyed_by_user: true,
+        credentials: "",
+        options: PgwardenOptions {
             // 200 clients derive their SCRAM keys at once (slow in a debug build).
             extra_server_toml: "startup_timeout = \"60s\"".into(),
-            env: aws_env(),
             ..PgwardenOptions::default()
         },
-    )
+    })
     .await;
     let before = pgwarden.metrics().await;
     assert_eq!(
@@ -244,7 +270,6 @@ async fn two_hundred_concurrent_cold_logins_read_the_secret_once() {
 #[tokio::test]
 async fn rotations_under_load_fail_no_transaction() {
     let emulator = AwsEmulator::shared();
-    let cluster = PgCluster::start();
     let passwords = [
         "rotation-pw-zero-0",
         "rotation-pw-one-1",
@@ -256,23 +281,18 @@ async fn rotations_under_load_fail_no_transaction() {
         ("app", passwords[2]),
         ("app_clone", passwords[3]),
     ];
-    let name = secret_name("rotation");
-    emulator.create_secret(&name, "app", passwords[0]);
-    let pgwarden = Pgwarden::start(
-        &cluster,
-        PgwardenOptions {
-            users: vec![("app".into(), passwords[0].into())],
-            credentials_toml: Some(secretsmanager(
-                emulator,
-                &format!("{{ id = {name:?}, user = \"app\" }}"),
-                ", refresh_interval = \"1s\"",
-            )),
+    let (cluster, pgwarden, name) = start_with_secret(SecretSetup {
+        emulator,
+        test: "rotation",
+        password: passwords[0],
+        keyed_by_user: true,
+        credentials: ", refresh_interval = \"1s\"",
+        options: PgwardenOptions {
             // Short lifetimes: backend connections are replaced throughout the rotations.
             extra_target_toml: "max_lifetime = \"3s\"".into(),
-            env: aws_env(),
             ..PgwardenOptions::default()
         },
-    )
+    })
     .await;
     init_pgbench_tables(&cluster, passwords[0]);
     // The alternating user: a clone with app's privileges, as the rotation template makes.
@@ -361,23 +381,15 @@ async fn rotations_under_load_fail_no_transaction() {
 #[tokio::test]
 async fn the_previous_password_works_during_a_configured_grace_period() {
     let emulator = AwsEmulator::shared();
-    let cluster = PgCluster::start();
     let (old, new) = ("grace-old-password-1", "grace-new-password-2");
-    let name = secret_name("grace");
-    emulator.create_secret(&name, "app", old);
-    let pgwarden = Pgwarden::start(
-        &cluster,
-        PgwardenOptions {
-            users: vec![("app".into(), old.into())],
-            credentials_toml: Some(secretsmanager(
-                emulator,
-                &format!("{name:?}"),
-                ", refresh_interval = \"1s\", previous_password_grace = \"1h\"",
-            )),
-            env: aws_env(),
-            ..PgwardenOptions::default()
-        },
-    )
+    let (cluster, pgwarden, name) = start_with_secret(SecretSetup {
+        emulator,
+        test: "grace",
+        password: old,
+        keyed_by_user: false,
+        credentials: ", refresh_interval = \"1s\", previous_password_grace = \"1h\"",
+        options: PgwardenOptions::default(),
+    })
     .await;
     let version = emulator.stage_pending_version(&name, "app", new);
     cluster.create_user("app", new);
@@ -414,24 +426,18 @@ async fn the_previous_password_works_during_a_configured_grace_period() {
 #[tokio::test]
 async fn an_emulator_outage_under_load_fails_no_transaction() {
     let emulator = AwsEmulator::dedicated();
-    let cluster = PgCluster::start();
     let password = "outage-password-5";
-    let name = secret_name("outage");
-    emulator.create_secret(&name, "app", password);
-    let pgwarden = Pgwarden::start(
-        &cluster,
-        PgwardenOptions {
-            users: vec![("app".into(), password.into())],
-            credentials_toml: Some(secretsmanager(
-                &emulator,
-                &format!("{name:?}"),
-                ", refresh_interval = \"1s\"",
-            )),
+    let (cluster, pgwarden, name) = start_with_secret(SecretSetup {
+        emulator: &emulator,
+        test: "outage",
+        password,
+        keyed_by_user: false,
+        credentials: ", refresh_interval = \"1s\"",
+        options: PgwardenOptions {
             extra_target_toml: "max_lifetime = \"3s\"".into(),
-            env: aws_env(),
             ..PgwardenOptions::default()
         },
-    )
+    })
     .await;
     init_pgbench_tables(&cluster, password);
     let load = pgbench_load(&pgwarden, password, 75);
