@@ -222,7 +222,7 @@ impl CredentialStore {
     }
 
     pub fn from_users(target: &str, file: &FileCredentials) -> Result<Self, StoreError> {
-        let mut store = Self::empty(target, None);
+        let mut store = Self::empty(target);
         for user in file.users() {
             let salt = store.salt(&user.name);
             let login = Login::new(&salt, user.name.clone(), user.password.clone(), None)?;
@@ -245,7 +245,7 @@ impl CredentialStore {
             previous_password_grace: settings.previous_password_grace,
             metrics,
         };
-        let mut store = Self::empty(target, None);
+        let mut store = Self::empty(target);
         for secret in settings.secrets {
             let (user, current) = match secret {
                 SecretRef::Id(id) => {
@@ -277,14 +277,14 @@ impl CredentialStore {
         Ok(store)
     }
 
-    fn empty(target: &str, source: Option<SecretSource>) -> Self {
+    fn empty(target: &str) -> Self {
         let mut mock_key = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut mock_key);
         Self {
             target: target.to_owned(),
             users: HashMap::new(),
             mock_key,
-            source,
+            source: None,
         }
     }
 
