@@ -139,6 +139,31 @@ impl PgCluster {
         ));
     }
 
+    /// Creates pgbench's tables (scale 1) in database `app` as user `app`, whose password
+    /// is `password`, straight on the cluster.
+    pub fn init_pgbench(&self, password: &str) {
+        let port = self.port.to_string();
+        let args = [
+            "-i",
+            "-q",
+            "-s",
+            "1",
+            "-h",
+            self.host(),
+            "-p",
+            &port,
+            "-U",
+            "app",
+            "app",
+        ];
+        let init = crate::pgbench(&args, &[("PGPASSWORD", password), ("PGSSLMODE", "disable")]);
+        assert!(
+            init.status.success(),
+            "pgbench -i: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+    }
+
     /// Creates database `name` owned by `owner` unless it already exists.
     pub fn create_database(&self, name: &str, owner: &str) {
         let exists = self.psql(&format!(

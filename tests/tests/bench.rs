@@ -18,28 +18,7 @@ async fn the_bench_runs_every_workload_and_writes_the_report() {
         },
     )
     .await;
-    let port = cluster.port().to_string();
-    let init = pgwarden_tests::pgbench(
-        &[
-            "-i",
-            "-q",
-            "-s",
-            "1",
-            "-h",
-            cluster.host(),
-            "-p",
-            &port,
-            "-U",
-            "app",
-            "app",
-        ],
-        &[("PGPASSWORD", PASSWORD), ("PGSSLMODE", "disable")],
-    );
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    cluster.init_pgbench(PASSWORD);
 
     let dsn =
         |port: u16| format!("host=127.0.0.1 port={port} user=app password={PASSWORD} dbname=app");

@@ -125,32 +125,6 @@ fn pgbench_load(
     })
 }
 
-/// Creates pgbench's tables in database `app`, owned by `app`, straight on the cluster.
-fn init_pgbench_tables(cluster: &PgCluster, password: &str) {
-    let port = cluster.port().to_string();
-    let init = pgwarden_tests::pgbench(
-        &[
-            "-i",
-            "-s",
-            "1",
-            "-q",
-            "-h",
-            cluster.host(),
-            "-p",
-            &port,
-            "-U",
-            "app",
-            "app",
-        ],
-        &[("PGPASSWORD", password), ("PGSSLMODE", "disable")],
-    );
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-}
-
 fn metric(metrics: &str, name: &str) -> f64 {
     metric_sum(metrics, name).unwrap_or(0.0)
 }
@@ -294,7 +268,7 @@ async fn rotations_under_load_fail_no_transaction() {
         },
     })
     .await;
-    init_pgbench_tables(&cluster, passwords[0]);
+    cluster.init_pgbench(passwords[0]);
     // The alternating user: a clone with app's privileges, as the rotation template makes.
     cluster.create_user("app_clone", "not-yet-rotated");
     cluster.psql("GRANT app TO app_clone");
@@ -439,7 +413,7 @@ async fn an_emulator_outage_under_load_fails_no_transaction() {
         },
     })
     .await;
-    init_pgbench_tables(&cluster, password);
+    cluster.init_pgbench(password);
     let load = pgbench_load(&pgwarden, password, 75);
     sleep_secs(4).await;
 
