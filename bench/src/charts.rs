@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use plotters::coord::CoordTranslate;
 use plotters::prelude::*;
 
 use crate::report::{Sample, Summary};
@@ -129,19 +130,9 @@ fn latency(path: &Path, workload: &str, samples: &[Sample], targets: &[String]) 
         .x_label_formatter(&|x| format!("p{}", percentile_label(*x)))
         .draw()?;
     for (i, (target, points)) in curves.into_iter().enumerate() {
-        chart
-            .draw_series(LineSeries::new(points, color(i).stroke_width(2)))?
-            .label(target.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new([(x, y), (x + 20, y)], color(i).stroke_width(2))
-            });
+        line(&mut chart, target, i, points)?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()?;
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present()?;
     Ok(())
 }
@@ -191,18 +182,9 @@ fn throughput(path: &Path, summaries: &[Summary], targets: &[String]) -> ChartRe
             color(i),
             &|c, s, st| Circle::new(c, s, st.filled()),
         ))?;
-        chart
-            .draw_series(LineSeries::new(points, color(i).stroke_width(2)))?
-            .label(target.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new([(x, y), (x + 20, y)], color(i).stroke_width(2))
-            });
+        line(&mut chart, target, i, points)?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
+    legend(&mut chart, SeriesLabelPosition::MiddleRight)?;
     root.present()?;
     Ok(())
 }
@@ -243,18 +225,37 @@ fn backends(path: &Path, workload: &str, samples: &[Sample], targets: &[String])
             .iter()
             .map(|(t, n)| (*t, f64::from(*n)))
             .collect();
-        chart
-            .draw_series(LineSeries::new(points, color(i).stroke_width(2)))?
-            .label(target.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new([(x, y), (x + 20, y)], color(i).stroke_width(2))
-            });
+        line(&mut chart, target, i, points)?;
     }
+    legend(&mut chart, SeriesLabelPosition::MiddleRight)?;
+    root.present()?;
+    Ok(())
+}
+
+/// One target's line, in its colour, with its legend entry.
+fn line<'a, CT: CoordTranslate<From = (f64, f64)>>(
+    chart: &mut ChartContext<'a, BitMapBackend<'a>, CT>,
+    target: &str,
+    i: usize,
+    points: Vec<(f64, f64)>,
+) -> ChartResult {
+    chart
+        .draw_series(LineSeries::new(points, color(i).stroke_width(2)))?
+        .label(target)
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color(i).stroke_width(2)));
+    Ok(())
+}
+
+/// The legend box, the same on every chart.
+fn legend<'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, BitMapBackend<'a>, CT>,
+    position: SeriesLabelPosition,
+) -> ChartResult {
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
+        .position(position)
         .draw()?;
-    root.present()?;
     Ok(())
 }

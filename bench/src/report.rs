@@ -341,3 +341,54 @@ pub fn markdown(report: &Report, charts: &[String]) -> String {
     );
     md
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(target: &str, round: usize, throughput: f64, idle: Option<f64>) -> Sample {
+        Sample {
+            workload: "idle-fleet".into(),
+            target: target.into(),
+            round,
+            clients: 100,
+            seconds: 1.0,
+            completed: throughput as u64,
+            throughput,
+            statement: Percentiles::default(),
+            connect: None,
+            invocation: None,
+            errors: BTreeMap::new(),
+            connected: 100,
+            cpu_us_per_unit: None,
+            rss_kib: None,
+            idle_kib_per_connection: idle,
+            backends: Vec::new(),
+            latency_curve: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn summaries_are_medians_with_ratios_and_the_largest_idle_growth() {
+        let samples = [
+            sample("base", 0, 100.0, Some(1.0)),
+            sample("cand", 0, 90.0, Some(4.0)),
+            sample("base", 1, 120.0, Some(0.0)),
+            sample("cand", 1, 150.0, Some(2.0)),
+            sample("base", 2, 110.0, Some(0.0)),
+            sample("cand", 2, 99.0, Some(2.0)),
+        ];
+        let s = summarize(&samples, "base");
+        let cand = s.iter().find(|x| x.target == "cand").expect("cand");
+        assert_eq!(cand.throughput, 99.0);
+        assert_eq!((cand.throughput_min, cand.throughput_max), (90.0, 150.0));
+        assert_eq!(cand.ratio_to_baseline, Some(0.9));
+        assert_eq!(cand.idle_kib_per_connection, Some(4.0));
+        let goals = goals(&s, "cand", "base", None);
+        let idle = goals
+            .iter()
+            .find(|g| g.goal.contains("idle"))
+            .expect("idle goal");
+        assert_eq!(idle.met, Some(false), "4.0 KiB > 1.0 KiB");
+    }
+}

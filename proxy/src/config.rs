@@ -97,7 +97,8 @@ pub struct ServerConfig {
     /// Address clients connect to. Default `127.0.0.1:6432`.
     #[serde(default = "defaults::listen")]
     pub listen: SocketAddr,
-    /// Address of the HTTP admin endpoint (`/metrics`, `/healthz`). Default `127.0.0.1:9930`.
+    /// Address of the HTTP admin endpoint (`/metrics`, `/healthz`, `/readyz`). Default
+    /// `127.0.0.1:9930`.
     #[serde(default = "defaults::admin_listen")]
     pub admin_listen: SocketAddr,
     /// Most client connections served at once; one more is refused with SQLSTATE 53300.

@@ -540,10 +540,7 @@ impl Pool {
         let mut tried = vec![first];
         let mut last_error = refused;
         for (via, login) in user.candidates() {
-            if tried
-                .iter()
-                .any(|t| t.username == login.username && t.password == login.password)
-            {
+            if tried.iter().any(|t| t.same_login(&login)) {
                 continue;
             }
             match self.connect_as(&login, deadline).await {

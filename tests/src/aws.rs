@@ -181,17 +181,7 @@ pub const ISOLATED_AWS_ENV: [(&str, &str); 3] = [
 impl AwsEmulator {
     /// Creates an RDS-format secret holding `username`/`password`; returns its ARN.
     pub fn create_secret(&self, name: &str, username: &str, password: &str) -> String {
-        let out = Command::new(python())
-            .arg(script("python/create_secret.py"))
-            .args([&self.endpoint, name, username, password])
-            .output()
-            .expect("run create_secret.py");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        self.secret_step(&["create", name, username, password])
     }
 }
 
@@ -199,21 +189,22 @@ impl AwsEmulator {
     /// A rotation function's createSecret step: stages `username`/`password` as a new
     /// version labelled `AWSPENDING`; returns its version id.
     pub fn stage_pending_version(&self, name: &str, username: &str, password: &str) -> String {
-        self.rotate_step(&["pending", name, username, password])
+        self.secret_step(&["pending", name, username, password])
     }
 
     /// A rotation function's finishSecret step: moves `AWSCURRENT` to `version`.
     pub fn finish_rotation(&self, name: &str, version: &str) {
-        self.rotate_step(&["finish", name, version]);
+        self.secret_step(&["finish", name, version]);
     }
 
-    fn rotate_step(&self, args: &[&str]) -> String {
+    /// Runs one step of `tests/python/secret.py` against this emulator; returns its output.
+    fn secret_step(&self, args: &[&str]) -> String {
         let out = Command::new(python())
-            .arg(script("python/rotate_secret.py"))
+            .arg(script("python/secret.py"))
             .arg(&self.endpoint)
             .args(args)
             .output()
-            .expect("run rotate_secret.py");
+            .expect("run secret.py");
         assert!(
             out.status.success(),
             "{}",

@@ -59,7 +59,7 @@ impl Login {
     }
 
     /// Same database user and password (whatever the version says).
-    fn same_login(&self, other: &Login) -> bool {
+    pub fn same_login(&self, other: &Login) -> bool {
         self.username == other.username && self.password == other.password
     }
 }
@@ -356,6 +356,45 @@ impl CredentialStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn login(user: &str, password: &str, version: &str) -> Arc<Login> {
+        let login = Login::new(&[7; 16], user.into(), password.into(), Some(version.into()));
+        Arc::new(login.expect("derive"))
+    }
+
+    #[test]
+    fn a_refused_current_login_gives_way_to_the_pending_one() {
+        let user = UserLogins::new(Some("s".into()), [7; 16], None);
+        let (old, new) = (login("app", "old", "v1"), login("app", "new", "v2"));
+        {
+            let mut v = user.versions();
+            v.current = Some(old.clone());
+            v.pending = Some(new.clone());
+        }
+        assert!(Arc::ptr_eq(&user.preferred().expect("some"), &old));
+        user.mark_refused(&old);
+        assert!(Arc::ptr_eq(&user.preferred().expect("some"), &new));
+        user.mark_refused(&new);
+        assert!(
+            Arc::ptr_eq(&user.preferred().expect("some"), &old),
+            "with every login refused, the current one is tried again"
+        );
+    }
+
+    #[test]
+    fn the_previous_password_counts_only_during_its_grace_period() {
+        let user = UserLogins::new(Some("s".into()), [7; 16], None);
+        let now = Instant::now();
+        {
+            let mut v = user.versions();
+            v.current = Some(login("app", "new", "v2"));
+            v.previous = Some(login("app", "old", "v1"));
+        }
+        assert_eq!(user.scram_secrets(now).len(), 1, "grace off by default");
+        user.versions().previous_accepted_until = Some(now + Duration::from_secs(60));
+        assert_eq!(user.scram_secrets(now).len(), 2);
+        assert_eq!(user.scram_secrets(now + Duration::from_secs(61)).len(), 1);
+    }
 
     #[test]
     fn every_user_gets_its_own_salt_derived_like_an_unknown_users() {

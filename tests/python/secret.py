@@ -1,8 +1,10 @@
-"""Rotates an RDS-format secret in the local AWS emulator the way a rotation function does.
+"""Creates an RDS-format secret in the local AWS emulator, and rotates it the way a rotation
+function does.
 
 Usage:
-  rotate_secret.py ENDPOINT pending NAME USERNAME PASSWORD   (createSecret: prints the version id)
-  rotate_secret.py ENDPOINT finish NAME VERSION              (finishSecret: AWSCURRENT -> VERSION)
+  secret.py ENDPOINT create NAME USERNAME PASSWORD    (AWSCURRENT; prints the ARN)
+  secret.py ENDPOINT pending NAME USERNAME PASSWORD   (createSecret step: prints the version id)
+  secret.py ENDPOINT finish NAME VERSION              (finishSecret step: AWSCURRENT -> VERSION)
 
 The setSecret step (ALTER ROLE ... PASSWORD) is the caller's, in Postgres."""
 
@@ -20,11 +22,18 @@ client = boto3.client(
     aws_access_key_id="test",
     aws_secret_access_key="test",
 )
-if step == "pending":
+
+
+def rds_login(username, password, port):
+    return json.dumps({"username": username, "password": password, "engine": "postgres", "port": port})
+
+
+if step == "create":
     username, password = sys.argv[4:6]
-    value = json.dumps(
-        {"username": username, "password": password, "engine": "postgres", "port": "5432"}
-    )
+    print(client.create_secret(Name=name, SecretString=rds_login(username, password, 5432))["ARN"])
+elif step == "pending":
+    # The port as a string, as some rotation templates write it.
+    value = rds_login(*sys.argv[4:6], "5432")
     token = str(uuid.uuid4())
     client.put_secret_value(
         SecretId=name, ClientRequestToken=token, SecretString=value, VersionStages=["AWSPENDING"]
