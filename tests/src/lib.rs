@@ -88,6 +88,13 @@ pub async fn http_get(port: u16, path: &str) -> String {
     }
 }
 
+/// Status and body of `GET http://127.0.0.1:{port}{path}`, whatever the status.
+pub async fn http_status(port: u16, path: &str) -> (u16, String) {
+    http::get(port, path)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path} on port {port} failed: {e}"))
+}
+
 /// Sum of every sample of metric `name` (any labels) in a Prometheus text exposition, or
 /// `None` when the metric has no sample at all (e.g. a counter vector never incremented).
 pub fn metric_sum(metrics: &str, name: &str) -> Option<f64> {

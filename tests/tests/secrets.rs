@@ -8,8 +8,8 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use pgwarden_tests::{
-    assert_pgbench_clean, http_get, metric_sum, AwsEmulator, PgCluster, Pgwarden, PgwardenOptions,
-    ISOLATED_AWS_ENV,
+    assert_pgbench_clean, http_get, http_status, metric_sum, AwsEmulator, PgCluster, Pgwarden,
+    PgwardenOptions, ISOLATED_AWS_ENV,
 };
 use tokio_postgres::error::SqlState;
 
@@ -235,6 +235,48 @@ async fn two_hundred_concurrent_cold_logins_read_the_secret_once() {
         "200 concurrent cold logins make exactly one GetSecretValue call:\n{metrics}"
     );
     assert_no_password_leaked(&pgwarden, &[password]).await;
+}
+
+#[tokio::test]
+async fn a_secret_that_cannot_be_read_makes_pgwarden_not_ready() {
+    let emulator = AwsEmulator::shared();
+    let cluster = PgCluster::start();
+    let missing = secret_name("never-created");
+    let pgwarden = Pgwarden::start(
+        &cluster,
+        PgwardenOptions {
+            users: vec![("app".into(), "unused-password".into())],
+            credentials_toml: Some(secretsmanager(
+                emulator,
+                &format!("{{ id = {missing:?}, user = \"app\" }}"),
+                "",
+            )),
+            env: aws_env(),
+            ..PgwardenOptions::default()
+        },
+    )
+    .await;
+    // Read on first use: nothing tried yet, so nothing is wrong yet.
+    assert_eq!(http_get(pgwarden.admin_port(), "/readyz").await, "ready\n");
+    // Without a login the client is refused like a wrong password (no user is revealed).
+    pgwarden
+        .assert_login_refused(
+            "a user whose secret cannot be read",
+            "app",
+            "unused-password",
+            &SqlState::INVALID_PASSWORD,
+            "password authentication failed",
+        )
+        .await;
+    let (status, body) = http_status(pgwarden.admin_port(), "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no database login could be read"), "{body}");
+    assert!(
+        pgwarden
+            .log()
+            .contains("no login for this user could be read"),
+        "the log says why"
+    );
 }
 
 /// Three rotations under a load of 50 clients, the last one to another database user
