@@ -5,7 +5,7 @@ use serde::Deserialize;
 
 /// One rule: principals matching `principal` (an ARN pattern where `*` matches any run of
 /// characters) may connect as any of `database_users`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     pub principal: String,
@@ -35,7 +35,7 @@ pub fn principal_of(arn: &str) -> String {
 }
 
 /// Matches `text` against `pattern`, where `*` matches any run of characters.
-fn glob(pattern: &str, text: &str) -> bool {
+pub fn glob(pattern: &str, text: &str) -> bool {
     let (p, t) = (pattern.as_bytes(), text.as_bytes());
     let (mut pi, mut ti) = (0, 0);
     let mut star: Option<(usize, usize)> = None;

@@ -85,7 +85,7 @@ fn readiness(app: &App) -> (bool, String) {
     }
     let mut problems = Vec::new();
     let mut degraded = Vec::new();
-    for target in &app.targets {
+    for target in &app.live().targets {
         if !target.credentials.usable() {
             problems.push(format!(
                 "target {:?}: no database login could be read from Secrets Manager",

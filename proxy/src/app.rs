@@ -1,7 +1,12 @@
 //! The state every session shares, passed explicitly (never through globals).
 
 use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::Semaphore;
 
 use pgwarden_auth::rds_token::{RdsTokenVerifier, VerificationKey};
 use pgwarden_auth::Secret;
@@ -109,60 +114,72 @@ impl Iam {
     }
 }
 
-pub struct App {
+/// What a reload replaces: the configuration and everything built from it.
+pub struct Live {
     pub config: Config,
     pub targets: Vec<Arc<Target>>,
+    /// IAM authentication, if configured.
+    pub iam: Option<Iam>,
+}
+
+impl Live {
+    /// The target serving client database `database`.
+    pub fn target_for(&self, database: &str) -> Option<&Arc<Target>> {
+        self.config.target_for(database).map(|i| &self.targets[i])
+    }
+}
+
+pub struct App {
+    live: ArcSwap<Live>,
+    /// The file the configuration came from, read again by a reload.
+    pub config_path: Option<PathBuf>,
     pub metrics: Arc<Metrics>,
     pub cancels: Arc<CancelRegistry>,
     /// The TLS offered to clients, if configured.
     pub tls: Option<ServerTls>,
-    /// IAM authentication, if configured.
-    pub iam: Option<Iam>,
     /// Failed-authentication limits per address and user.
     pub auth_limiter: crate::auth_limit::AuthLimiter,
+    /// Connections and connection rates per principal and user.
+    pub quotas: Arc<crate::quotas::Quotas>,
+    /// Permits for `max_client_connections`, held by every client.
+    pub client_slots: Arc<Semaphore>,
+    client_slots_debt: AtomicUsize,
+    /// While true (the console's PAUSE), transactions do not start.
+    pub paused: tokio::sync::watch::Sender<bool>,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
     /// Cancelled when pgwarden begins shutting down: idle sessions close at once.
     pub shutdown: CancellationToken,
+}
+
+/// Why a reload was refused; the configuration in force stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("pgwarden was not started from a configuration file")]
+    NoFile,
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    App(#[from] AppError),
 }
 
 impl App {
     /// Builds the shared state: loads every target's credentials and the TLS material.
     pub async fn new(config: Config) -> Result<Arc<Self>, AppError> {
+        Self::build(config, None).await
+    }
+
+    /// Like [`App::new`], remembering the file so that SIGHUP and RELOAD can read it again.
+    pub async fn from_file(config: Config, path: PathBuf) -> Result<Arc<Self>, AppError> {
+        Self::build(config, Some(path)).await
+    }
+
+    async fn build(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Self>, AppError> {
         let metrics = Arc::new(Metrics::new());
+        let shutdown = CancellationToken::new();
         let mut targets = Vec::new();
         for t in &config.targets {
-            let credentials = match &t.credentials {
-                crate::config::CredentialsConfig::File { path } => {
-                    CredentialStore::from_file(&t.name, path)?
-                }
-                crate::config::CredentialsConfig::SecretsManager {
-                    secrets,
-                    region,
-                    endpoint,
-                    refresh_interval,
-                    previous_password_grace,
-                } => {
-                    let client = crate::secrets::SecretsManager::new(
-                        region.as_deref(),
-                        endpoint.as_deref(),
-                        metrics.secret_fetches.clone(),
-                    )
-                    .await;
-                    let settings = SecretSettings {
-                        secrets,
-                        refresh_interval: *refresh_interval,
-                        previous_password_grace: *previous_password_grace,
-                    };
-                    CredentialStore::from_secrets(&t.name, client, settings, metrics.clone())
-                        .await?
-                }
-            };
-            let connector = tls::backend_connector(t.tls, t.ca_path.as_deref())?;
-            targets.push(Target::new(
-                t.clone(),
-                credentials,
-                connector,
-                metrics.clone(),
-            ));
+            targets.push(build_target(t, &metrics, &shutdown).await?);
         }
         let iam = config
             .iam
@@ -178,19 +195,192 @@ impl App {
             None => None,
         };
         Ok(Arc::new(Self {
-            config,
-            targets,
+            client_slots: Arc::new(Semaphore::new(config.server.max_client_connections)),
+            client_slots_debt: AtomicUsize::new(0),
+            live: ArcSwap::from_pointee(Live {
+                config,
+                targets,
+                iam,
+            }),
+            config_path,
             metrics,
             cancels: Arc::new(CancelRegistry::default()),
             auth_limiter,
+            quotas: Default::default(),
             tls,
-            iam,
-            shutdown: CancellationToken::new(),
+            paused: tokio::sync::watch::Sender::new(false),
+            reloading: tokio::sync::Mutex::new(()),
+            shutdown,
         }))
     }
 
-    /// The target serving client database `database`.
-    pub fn target_for(&self, database: &str) -> Option<&Arc<Target>> {
-        self.config.target_for(database).map(|i| &self.targets[i])
+    /// The configuration in force and what was built from it. A session keeps the
+    /// snapshot it started with for its startup; limits it reads later come from its
+    /// target, which a reload updates in place.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
     }
+
+    /// Reads the configuration file again and applies it (see [`App::reload`]).
+    pub async fn reload_file(self: &Arc<Self>) -> Result<Vec<String>, ReloadError> {
+        let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
+        let config = Config::load(path)?;
+        self.reload(config).await
+    }
+
+    /// Applies a new configuration without dropping a client: pool limits, quotas,
+    /// authorization rules, the TLS certificate, targets added, changed or removed.
+    /// Everything is built before anything changes, so a failure leaves the old
+    /// configuration in force. Returns notes on what could not change without a restart.
+    pub async fn reload(self: &Arc<Self>, new: Config) -> Result<Vec<String>, ReloadError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let old = self.live();
+        let notes = restart_only_changes(&old.config, &new, self.tls.is_some());
+        let acceptor = match (&self.tls, &new.server.tls) {
+            (Some(_), Some(t)) => {
+                Some(ServerTls::prepare(&t.cert_path, &t.key_path).map_err(AppError::from)?)
+            }
+            _ => None,
+        };
+        let mut targets = Vec::new();
+        let mut updates = Vec::new();
+        for t in &new.targets {
+            match old.targets.iter().find(|o| o.name() == t.name) {
+                Some(existing) if existing.can_apply(t) => {
+                    updates.push((existing.clone(), t.clone()));
+                    targets.push(existing.clone());
+                }
+                _ => targets.push(build_target(t, &self.metrics, &self.shutdown).await?),
+            }
+        }
+        let iam = new
+            .iam
+            .as_ref()
+            .map(|c| Iam::new(c, &self.metrics))
+            .transpose()?;
+
+        // Nothing below fails.
+        if let (Some(tls), Some(acceptor)) = (&self.tls, acceptor) {
+            tls.install(acceptor);
+        }
+        for (target, config) in updates {
+            target.apply(config);
+        }
+        for target in &old.targets {
+            if !targets.iter().any(|t| Arc::ptr_eq(t, target)) {
+                target.retire();
+            }
+        }
+        for target in &targets {
+            if !old.targets.iter().any(|t| Arc::ptr_eq(t, target)) {
+                spawn_credential_refresh(target);
+            }
+        }
+        self.resize_client_slots(
+            old.config.server.max_client_connections,
+            new.server.max_client_connections,
+        );
+        self.live.store(Arc::new(Live {
+            config: new,
+            targets,
+            iam,
+        }));
+        Ok(notes)
+    }
+
+    fn resize_client_slots(&self, old: usize, new: usize) {
+        crate::pool::resize(&self.client_slots, &self.client_slots_debt, old, new);
+    }
+
+    /// Periodic upkeep: pays client-slot debt left by a reload that lowered the limit and
+    /// forgets quota counters of principals and users gone quiet.
+    pub fn maintain(&self) {
+        crate::pool::pay_debt(&self.client_slots, &self.client_slots_debt);
+        self.quotas.prune(
+            std::time::Instant::now(),
+            std::time::Duration::from_secs(600),
+        );
+    }
+}
+
+/// Starts the background refresh of a target's secrets; it stops when the target is
+/// retired or pgwarden shuts down.
+pub fn spawn_credential_refresh(target: &Arc<Target>) {
+    let target = target.clone();
+    tokio::spawn(async move {
+        let stop = target.retired.clone();
+        crate::credentials::keep_fresh(&target.credentials, stop).await;
+    });
+}
+
+/// Settings a running pgwarden cannot change; a reload keeps the old value and says so.
+fn restart_only_changes(old: &Config, new: &Config, has_tls: bool) -> Vec<String> {
+    let mut notes = Vec::new();
+    let (o, n) = (&old.server, &new.server);
+    if o.listen != n.listen {
+        notes.push("server.listen changed: takes effect after a restart".to_owned());
+    }
+    if o.admin_listen != n.admin_listen {
+        notes.push("server.admin_listen changed: takes effect after a restart".to_owned());
+    }
+    if o.listen_backlog != n.listen_backlog {
+        notes.push("server.listen_backlog changed: takes effect after a restart".to_owned());
+    }
+    if has_tls != n.tls.is_some() {
+        notes.push(
+            "[server.tls] was added or removed: takes effect after a restart (a changed certificate is reloaded)"
+                .to_owned(),
+        );
+    }
+    if o.max_auth_failures != n.max_auth_failures || o.auth_failure_window != n.auth_failure_window
+    {
+        notes.push(
+            "server.max_auth_failures / auth_failure_window changed: take effect after a restart"
+                .to_owned(),
+        );
+    }
+    if old.cluster.instance_id != new.cluster.instance_id {
+        notes.push("cluster.instance_id changed: takes effect after a restart".to_owned());
+    }
+    notes
+}
+
+async fn build_target(
+    t: &crate::config::TargetConfig,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> Result<Arc<Target>, AppError> {
+    let credentials = match &t.credentials {
+        crate::config::CredentialsConfig::File { path } => {
+            CredentialStore::from_file(&t.name, path)?
+        }
+        crate::config::CredentialsConfig::SecretsManager {
+            secrets,
+            region,
+            endpoint,
+            refresh_interval,
+            previous_password_grace,
+        } => {
+            let client = crate::secrets::SecretsManager::new(
+                region.as_deref(),
+                endpoint.as_deref(),
+                metrics.secret_fetches.clone(),
+            )
+            .await;
+            let settings = SecretSettings {
+                secrets,
+                refresh_interval: *refresh_interval,
+                previous_password_grace: *previous_password_grace,
+            };
+            CredentialStore::from_secrets(&t.name, client, settings, metrics.clone()).await?
+        }
+    };
+    let connector = tls::backend_connector(t.tls, t.ca_path.as_deref())?;
+    Ok(Target::new(
+        t.clone(),
+        credentials,
+        connector,
+        metrics.clone(),
+        shutdown.child_token(),
+    ))
 }

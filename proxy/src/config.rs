@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
@@ -20,10 +20,53 @@ pub struct Config {
     pub targets: Vec<TargetConfig>,
     /// IAM authentication of clients, for targets with `client_auth = "iam"`.
     pub iam: Option<IamConfig>,
+    /// Limits per IAM principal and per database user. Default: none.
+    #[serde(default)]
+    pub quotas: Vec<QuotaRule>,
+    /// Other pgwarden instances behind the same load balancer (cancel forwarding).
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+}
+
+/// A limit on the clients of one IAM principal or one database user: each distinct
+/// principal (or user) the pattern matches gets the limits for itself, like a function's
+/// reserved concurrency. The first rule that matches a client's principal applies, and
+/// so does the first that matches its user.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaRule {
+    /// Principal ARN pattern (`*` matches any run of characters; assumed-role sessions
+    /// count as their role). Exactly one of `principal` and `user` is required.
+    pub principal: Option<String>,
+    /// Client-facing database user name pattern.
+    pub user: Option<String>,
+    /// Most client connections open at once. Default: no limit.
+    pub max_connections: Option<usize>,
+    /// New client connections per second, sustained. Default: no limit.
+    pub connections_per_second: Option<f64>,
+    /// New connections allowed at once above the rate (the token bucket's size). Default:
+    /// `connections_per_second` rounded up, at least 1.
+    pub burst: Option<u32>,
+}
+
+/// How this instance finds its peers, so a cancel request that the load balancer sends
+/// to the wrong instance reaches the right one.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This instance's number, 0–255, unique among its peers; carried in every cancel key
+    /// it issues. Default 0.
+    #[serde(default)]
+    pub instance_id: u8,
+    /// The other instances' client listeners, `host:port`; a name that resolves to several
+    /// addresses (a headless Service) stands for all of them. Default `[]` (cancel
+    /// requests for another instance's keys are dropped).
+    #[serde(default)]
+    pub peers: Vec<String>,
 }
 
 /// How client IAM tokens are verified and what each principal may do.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IamConfig {
     /// `sts`: presigned STS GetCallerIdentity requests, executed against an allow-listed
@@ -62,7 +105,7 @@ pub struct IamConfig {
     pub rules: Vec<pgwarden_auth::rules::Rule>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum IamVerifier {
     RdsToken,
@@ -70,7 +113,7 @@ pub enum IamVerifier {
 }
 
 /// A signing key pgwarden trusts for `rds-token`, and the principal it stands for.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IamKeyConfig {
     pub access_key_id: String,
@@ -81,7 +124,7 @@ pub struct IamKeyConfig {
 }
 
 /// How clients of a target prove who they are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ClientAuth {
     /// SCRAM-SHA-256 with the password from the target's credentials (the default).
@@ -91,7 +134,7 @@ pub enum ClientAuth {
 }
 
 /// Listener, admin endpoint and client-facing limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address clients connect to. Default `127.0.0.1:6432`.
@@ -130,10 +173,15 @@ pub struct ServerConfig {
     pub require_tls: bool,
     /// Certificate and key clients are served with. Default: none (no TLS offered).
     pub tls: Option<ServerTlsConfig>,
+    /// Database users (client-facing names) who may use the admin console, database
+    /// `pgwarden`. They authenticate as clients of the first target that knows them.
+    /// Default `[]`: the console is closed.
+    #[serde(default)]
+    pub admin_users: Vec<String>,
 }
 
 /// The certificate pgwarden presents to clients (PEM files; reloaded on SIGHUP).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerTlsConfig {
     /// Certificate chain, leaf first. Required.
@@ -143,7 +191,7 @@ pub struct ServerTlsConfig {
 }
 
 /// How a target shares backend connections among clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PoolMode {
     /// A backend serves one transaction, then goes back to the pool (the default).
@@ -153,7 +201,7 @@ pub enum PoolMode {
 }
 
 /// A database endpoint, the credentials pgwarden logs in with, and its pool limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     /// Name used in metrics and logs. Required, unique.
@@ -189,6 +237,10 @@ pub struct TargetConfig {
     /// Longest a client waits for a backend before it gets SQLSTATE 53300. Default `30s`.
     #[serde(default = "defaults::borrow_timeout", with = "humantime_serde")]
     pub borrow_timeout: Duration,
+    /// Most clients waiting for a backend in one pool; one more gets SQLSTATE 53300 at
+    /// once instead of queueing. Default 0: no limit (beyond max_client_connections).
+    #[serde(default)]
+    pub max_waiting_clients: usize,
     /// Time limit for one backend TCP connect plus login. Default `10s`.
     #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -222,7 +274,7 @@ pub struct TargetConfig {
 }
 
 /// A credential provider.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, tag = "provider", rename_all = "lowercase")]
 pub enum CredentialsConfig {
     /// A local TOML file of `[[users]] name, password` (development, the demo).
@@ -254,7 +306,7 @@ pub enum CredentialsConfig {
 }
 
 /// One secret of the `secretsmanager` provider.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(untagged)]
 pub enum SecretRef {
     /// A name or ARN: read at start; clients log in as the secret's `username`.
@@ -519,6 +571,32 @@ impl Config {
                 if d.is_zero() {
                     problems.push(format!("target {n:?}: {field} must be above zero"));
                 }
+            }
+        }
+        for (i, q) in self.quotas.iter().enumerate() {
+            let n = i + 1;
+            if q.principal.is_some() == q.user.is_some() {
+                problems.push(format!(
+                    "quotas[{n}]: set exactly one of principal and user"
+                ));
+            }
+            if q.max_connections.is_none() && q.connections_per_second.is_none() {
+                problems.push(format!(
+                    "quotas[{n}]: sets no limit (max_connections or connections_per_second)"
+                ));
+            }
+            if q.connections_per_second
+                .is_some_and(|r| !(r > 0.0 && r.is_finite()))
+            {
+                problems.push(format!(
+                    "quotas[{n}]: connections_per_second must be above zero"
+                ));
+            }
+            if q.burst == Some(0) {
+                problems.push(format!("quotas[{n}]: burst must be at least 1"));
+            }
+            if q.burst.is_some() && q.connections_per_second.is_none() {
+                problems.push(format!("quotas[{n}]: burst needs connections_per_second"));
             }
         }
         if let Some(iam) = &self.iam {

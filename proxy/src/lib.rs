@@ -17,6 +17,7 @@ pub mod demo;
 pub mod metrics;
 pub mod pinning;
 pub mod pool;
+pub mod quotas;
 pub mod secrets;
 pub mod server;
 pub mod session;

@@ -107,7 +107,7 @@ fn main() -> ExitCode {
 
 async fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
-    let server = Server::bind(config).await?;
+    let server = Server::bind_with_file(config, Some(path)).await?;
     let shutdown = server.app.shutdown.clone();
     tokio::spawn(async move {
         termination_signal().await;
@@ -121,7 +121,8 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
 async fn check_config(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     let app = pgwarden::App::new(config).await?;
-    for t in &app.targets {
+    let live = app.live();
+    for t in &live.targets {
         t.credentials
             .load_all()
             .await
@@ -130,12 +131,12 @@ async fn check_config(path: PathBuf) -> anyhow::Result<()> {
     println!("{}: valid", path.display());
     println!(
         "listen {}, admin {}, max_client_connections {}",
-        app.config.server.listen,
-        app.config.server.admin_listen,
-        app.config.server.max_client_connections
+        live.config.server.listen,
+        live.config.server.admin_listen,
+        live.config.server.max_client_connections
     );
-    for t in &app.targets {
-        let c = &t.config;
+    for t in &live.targets {
+        let c = t.config();
         println!(
             "target {:?}: {}:{} databases {:?}, {:?} mode, pool_size {}, max_backend_connections {}, {} database user(s)",
             c.name,

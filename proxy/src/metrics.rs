@@ -53,6 +53,9 @@ pub struct Metrics {
     pub pins: IntCounterVec,
     /// Pins skipped because `pin_filters` names their reason, by target and reason.
     pub pins_filtered: IntCounterVec,
+    /// Clients refused by a quota (SQLSTATE 53300), by scope (`principal`, `user`,
+    /// `pool`) and limit (`connections`, `rate`, `waiting`).
+    pub quota_rejections: IntCounterVec,
     /// Cancel requests by outcome (`forwarded`, `idle`, `unknown`, `failed`).
     pub cancels: IntCounterVec,
     /// Time to log in a new backend connection.
@@ -200,6 +203,11 @@ impl Metrics {
                 "pgwarden_pins_filtered_total",
                 "Pins skipped because pin_filters names their reason",
                 &["target", "reason"],
+            ),
+            quota_rejections: counter_vec(
+                "pgwarden_quota_rejections_total",
+                "Clients refused by a quota (SQLSTATE 53300), by scope and limit",
+                &["scope", "limit"],
             ),
             cancels: counter_vec(
                 "pgwarden_cancel_requests_total",

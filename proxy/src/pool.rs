@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use rand::Rng;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
@@ -54,6 +55,15 @@ pub enum BorrowError {
         "borrow timeout after {0:?}: target {1} is at max_backend_connections and no idle connection could be closed"
     )]
     TargetFull(Duration, String),
+    #[error(
+        "too many clients waiting: pool {target}/{database}/{user} already has {waiting} clients waiting for a connection (max_waiting_clients)"
+    )]
+    QueueFull {
+        target: String,
+        database: String,
+        user: String,
+        waiting: usize,
+    },
     #[error("no credentials for database user {0:?}")]
     UnknownUser(String),
     #[error("the database login for user {0:?} could not be read from Secrets Manager")]
@@ -64,7 +74,16 @@ pub enum BorrowError {
 
 /// A database endpoint: its config, credentials, target-wide limits and pools.
 pub struct Target {
-    pub config: TargetConfig,
+    name: String,
+    /// The limits in force; replaced by a reload (see [`Target::apply`]).
+    config: ArcSwap<TargetConfig>,
+    /// Permits to take away from `capacity` and `logins` after a reload lowered their
+    /// limits; paid as permits come back, by [`Target::maintain`].
+    capacity_debt: AtomicUsize,
+    logins_debt: AtomicUsize,
+    /// Cancelled when a reload removes or replaces this target: its background work stops
+    /// and its connections close as their clients leave.
+    pub retired: tokio_util::sync::CancellationToken,
     pub credentials: CredentialStore,
     /// TLS towards the database, when the target's `tls` mode is not `disable`.
     pub connector: Option<tokio_rustls::TlsConnector>,
@@ -86,13 +105,18 @@ impl Target {
         credentials: CredentialStore,
         connector: Option<tokio_rustls::TlsConnector>,
         metrics: Arc<Metrics>,
+        retired: tokio_util::sync::CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Self {
             capacity: Arc::new(Semaphore::new(config.max_backend_connections)),
             capacity_waiters: AtomicUsize::new(0),
             logins: Semaphore::new(config.max_logins_in_flight),
             pools: Mutex::new(HashMap::new()),
-            config,
+            name: config.name.clone(),
+            config: ArcSwap::from_pointee(config),
+            capacity_debt: AtomicUsize::new(0),
+            logins_debt: AtomicUsize::new(0),
+            retired,
             credentials,
             connector,
             metrics,
@@ -100,7 +124,63 @@ impl Target {
     }
 
     pub fn name(&self) -> &str {
-        &self.config.name
+        &self.name
+    }
+
+    /// The limits in force now.
+    pub fn config(&self) -> arc_swap::Guard<Arc<TargetConfig>> {
+        self.config.load()
+    }
+
+    /// Whether `new` can be applied to this target in place: it names the same endpoint,
+    /// credentials, authentication and pool mode. Otherwise a reload builds a new target.
+    pub fn can_apply(&self, new: &TargetConfig) -> bool {
+        let old = self.config();
+        old.name == new.name
+            && old.host == new.host
+            && old.port == new.port
+            && old.credentials == new.credentials
+            && old.tls == new.tls
+            && old.ca_path == new.ca_path
+            && old.client_auth == new.client_auth
+            && old.pool_mode == new.pool_mode
+    }
+
+    /// Applies new limits (see [`Target::can_apply`]): semaphores grow at once and shrink
+    /// as permits come back; waiters get the slots a larger `pool_size` opens.
+    pub fn apply(&self, new: TargetConfig) {
+        let old = self.config.swap(Arc::new(new));
+        let new = self.config();
+        resize(
+            &self.capacity,
+            &self.capacity_debt,
+            old.max_backend_connections,
+            new.max_backend_connections,
+        );
+        resize(
+            &self.logins,
+            &self.logins_debt,
+            old.max_logins_in_flight,
+            new.max_logins_in_flight,
+        );
+        if new.pool_size > old.pool_size {
+            for pool in self.pools() {
+                pool.grant_new_slots();
+            }
+        }
+    }
+
+    /// Takes a removed target out of service: idle connections close now, borrowed ones
+    /// when their clients return them.
+    pub fn retire(&self) {
+        self.retired.cancel();
+        let pools: Vec<_> = lock(&self.pools).drain().map(|(_, p)| p).collect();
+        for pool in pools {
+            let idle = std::mem::take(&mut lock(&pool.state).idle);
+            for _ in &idle {
+                self.count_closed("target_removed");
+            }
+        }
     }
 
     /// The pool for `key`, created on first use.
@@ -162,6 +242,8 @@ impl Target {
     /// or past their lifetime, open connections up to `min_idle`, and forget pools nobody
     /// uses (so made-up database names cannot grow the pool map without bound).
     pub fn maintain(self: &Arc<Self>) {
+        pay_debt(&self.capacity, &self.capacity_debt);
+        pay_debt(&self.logins, &self.logins_debt);
         self.maintain_pools();
         lock(&self.pools)
             .retain(|_, pool| Arc::strong_count(pool) > 1 || lock(&pool.state).open > 0);
@@ -173,13 +255,13 @@ impl Target {
             let mut closing = Vec::new();
             {
                 let mut st = lock(&pool.state);
-                let min_idle = self.config.min_idle;
+                let min_idle = self.config().min_idle;
                 let mut i = 0;
                 while i < st.idle.len() {
                     let above_min = st.open - closing.len() > min_idle;
                     let c = &mut st.idle[i];
                     let idle_too_long =
-                        now.duration_since(c.idle_since) >= self.config.idle_timeout && above_min;
+                        now.duration_since(c.idle_since) >= self.config().idle_timeout && above_min;
                     if c.is_expired(now) || idle_too_long || c.is_broken() {
                         closing.push(st.idle.swap_remove(i));
                     } else {
@@ -194,7 +276,7 @@ impl Target {
             while let Some(slot) = pool.reserve_for_min_idle() {
                 let pool = pool.clone();
                 tokio::spawn(async move {
-                    let deadline = Instant::now() + pool.target.config.connect_timeout;
+                    let deadline = Instant::now() + pool.target.config().connect_timeout;
                     match pool.create(slot, Instant::now(), deadline).await {
                         Ok(conn) => pool.checkin(conn),
                         Err(e) => {
@@ -207,6 +289,31 @@ impl Target {
     }
 }
 
+/// Changes a semaphore's size from `old` to `new` permits. Permits in use cannot be taken
+/// back, so a shrink is recorded as debt and paid by [`pay_debt`] as they return.
+pub fn resize(semaphore: &Semaphore, debt: &AtomicUsize, old: usize, new: usize) {
+    if new > old {
+        let mut grow = new - old;
+        // Growing first cancels debt not paid yet.
+        let owed = debt.load(Ordering::SeqCst);
+        let cancelled = owed.min(grow);
+        debt.fetch_sub(cancelled, Ordering::SeqCst);
+        grow -= cancelled;
+        semaphore.add_permits(grow);
+    } else if old > new {
+        debt.fetch_add(old - new, Ordering::SeqCst);
+        pay_debt(semaphore, debt);
+    }
+}
+
+pub fn pay_debt(semaphore: &Semaphore, debt: &AtomicUsize) {
+    let owed = debt.load(Ordering::SeqCst);
+    if owed > 0 {
+        let paid = semaphore.forget_permits(owed);
+        debt.fetch_sub(paid, Ordering::SeqCst);
+    }
+}
+
 /// The outcome of looking at a pool under its lock.
 // Lives for one borrow and is moved once: boxing the connection would cost more than it saves.
 #[allow(clippy::large_enum_variant)]
@@ -214,6 +321,8 @@ enum Step {
     Ready(BackendConn),
     Create(Slot),
     Wait(oneshot::Receiver<Grant>),
+    /// `max_waiting_clients` clients wait already.
+    QueueFull,
 }
 
 /// A connection, or the right to open one, handed to a waiting client.
@@ -350,6 +459,11 @@ impl Pool {
 
     fn slot_freed(self: &Arc<Self>) {
         let mut st = lock(&self.state);
+        if st.open > self.target.config().pool_size {
+            // The pool was shrunk by a reload: this slot goes away.
+            st.open -= 1;
+            return;
+        }
         let slot = Slot {
             pool: self.clone(),
             armed: true,
@@ -360,9 +474,27 @@ impl Pool {
         }
     }
 
+    /// After `pool_size` grew: hands the new slots to clients already waiting (newcomers
+    /// would otherwise take them first).
+    fn grant_new_slots(self: &Arc<Self>) {
+        let size = self.target.config().pool_size;
+        let mut st = lock(&self.state);
+        while st.open < size && !st.waiters.is_empty() {
+            st.open += 1;
+            let slot = Slot {
+                pool: self.clone(),
+                armed: true,
+            };
+            if let Some(Grant::Slot(mut unused)) = hand_off(&mut st, Grant::Slot(slot)) {
+                unused.armed = false;
+                st.open -= 1;
+            }
+        }
+    }
+
     fn reserve_for_min_idle(self: &Arc<Self>) -> Option<Slot> {
         let mut st = lock(&self.state);
-        (st.open < self.target.config.min_idle).then(|| {
+        (st.open < self.target.config().min_idle).then(|| {
             st.open += 1;
             Slot {
                 pool: self.clone(),
@@ -384,6 +516,7 @@ impl Pool {
             Step::Ready(conn) => conn,
             Step::Create(slot) => self.create(slot, started, deadline).await?,
             Step::Wait(rx) => self.wait(rx, started, deadline).await?,
+            Step::QueueFull => return Err(self.queue_full_error()),
         };
         conn.set_idle(false);
         self.observe_borrow(started);
@@ -403,13 +536,21 @@ impl Pool {
                 return (Step::Ready(conn), discard);
             }
         }
-        if st.open < self.target.config.pool_size {
+        let config = self.target.config();
+        if st.open < config.pool_size {
             st.open += 1;
             let slot = Slot {
                 pool: self.clone(),
                 armed: true,
             };
             return (Step::Create(slot), discard);
+        }
+        let max_waiting = config.max_waiting_clients;
+        if max_waiting > 0 && st.waiters.len() >= max_waiting {
+            st.waiters.retain(|w| !w.is_closed());
+            if st.waiters.len() >= max_waiting {
+                return (Step::QueueFull, discard);
+            }
         }
         let (tx, rx) = oneshot::channel();
         if st.waiters.len() >= st.prune_at {
@@ -448,6 +589,20 @@ impl Pool {
         self.borrow_seconds.observe(started.elapsed().as_secs_f64());
     }
 
+    fn queue_full_error(&self) -> BorrowError {
+        self.target
+            .metrics
+            .quota_rejections
+            .with_label_values(&["pool", "waiting"])
+            .inc();
+        BorrowError::QueueFull {
+            target: self.target.name().to_owned(),
+            database: self.key.database.clone(),
+            user: self.key.user.clone(),
+            waiting: self.target.config().max_waiting_clients,
+        }
+    }
+
     fn timeout_error(&self, started: Instant) -> BorrowError {
         self.target
             .metrics
@@ -460,7 +615,7 @@ impl Pool {
             database: self.key.database.clone(),
             user: self.key.user.clone(),
             open: self.stats().open,
-            size: self.target.config.pool_size,
+            size: self.target.config().pool_size,
         }
     }
 
@@ -491,7 +646,7 @@ impl Pool {
             }
         }
         let now = Instant::now();
-        let lifetime = target.config.max_lifetime;
+        let lifetime = target.config().max_lifetime;
         let jitter = lifetime.mul_f64(rand::thread_rng().gen_range(0.0..0.1));
         let mut read_buf = logged_in.leftover;
         read_buf.reserve(8192);
@@ -572,10 +727,10 @@ impl Pool {
             let started = Instant::now();
             let budget = deadline
                 .saturating_duration_since(started)
-                .min(target.config.connect_timeout)
+                .min(target.config().connect_timeout)
                 .max(Duration::from_millis(1));
             let attempt = backend::connect(
-                &target.config,
+                &target.config(),
                 target.connector.as_ref(),
                 &self.key.database,
                 &login.username,
@@ -643,9 +798,18 @@ impl Pool {
             self.target.count_closed("lifetime");
             return;
         }
+        if self.target.retired.is_cancelled() {
+            self.target.count_closed("target_removed");
+            return;
+        }
         conn.idle_since = now;
         conn.forget_traffic();
         let mut st = lock(&self.state);
+        if st.open > self.target.config().pool_size {
+            drop(st);
+            self.target.count_closed("pool_resized");
+            return;
+        }
         let Some(Grant::Conn(mut conn)) = hand_off(&mut st, Grant::Conn(conn)) else {
             return;
         };

@@ -10,7 +10,6 @@ use pgwarden_protocol::backend::ErrorReport;
 use pgwarden_protocol::sqlstate;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
@@ -34,11 +33,22 @@ impl Server {
     /// Builds the shared state and binds both listeners (so port 0 works and errors surface
     /// before anything is served).
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
+        Self::bind_with_file(config, None).await
+    }
+
+    /// Like [`Server::bind`], remembering the file SIGHUP and RELOAD read again.
+    pub async fn bind_with_file(
+        config: Config,
+        path: Option<std::path::PathBuf>,
+    ) -> anyhow::Result<Self> {
         raise_fd_limit(&config);
         let listen_addr = config.server.listen;
         let admin_addr = config.server.admin_listen;
-        let app = App::new(config).await?;
-        let listener = listen(listen_addr, app.config.server.listen_backlog)
+        let app = match path {
+            Some(path) => App::from_file(config, path).await?,
+            None => App::new(config).await?,
+        };
+        let listener = listen(listen_addr, app.live().config.server.listen_backlog)
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen_addr}: {e}"))?;
         let admin_listener = TcpListener::bind(admin_addr)
             .await
@@ -54,35 +64,16 @@ impl Server {
     }
 
     /// Serves until `app.shutdown` is cancelled, then waits up to `shutdown_timeout` for
-    /// sessions to finish.
+    /// sessions to finish. New clients arriving meanwhile get SQLSTATE 57P03.
     pub async fn run(self) {
         let app = self.app;
-        for target in &app.targets {
-            let target = target.clone();
-            let shutdown = app.shutdown.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => target.maintain(),
-                        () = shutdown.cancelled() => return,
-                    }
-                }
-            });
+        tokio::spawn(maintain(app.clone()));
+        for target in &app.live().targets {
+            crate::app::spawn_credential_refresh(target);
         }
-        for target in &app.targets {
-            let target = target.clone();
-            let shutdown = app.shutdown.clone();
-            tokio::spawn(async move {
-                crate::credentials::keep_fresh(&target.credentials, shutdown).await;
-            });
-        }
-        if app.tls.is_some() {
-            tokio::spawn(reload_tls_on_sighup(app.clone()));
-        }
+        tokio::spawn(reload_on_sighup(app.clone()));
         info!(listen = %self.listen, admin = %self.admin, "pgwarden is serving");
         let sessions = TaskTracker::new();
-        let slots = Arc::new(Semaphore::new(app.config.server.max_client_connections));
         loop {
             let (stream, peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -96,7 +87,7 @@ impl Server {
                 },
                 () = app.shutdown.cancelled() => break,
             };
-            match slots.clone().try_acquire_owned() {
+            match app.client_slots.clone().try_acquire_owned() {
                 Ok(permit) => {
                     let app = app.clone();
                     sessions.spawn(async move {
@@ -109,17 +100,27 @@ impl Server {
                         .client_setups
                         .with_label_values(&["refused"])
                         .inc();
-                    tokio::spawn(refuse(stream));
+                    tokio::spawn(refuse(
+                        stream,
+                        ErrorReport::fatal(
+                            sqlstate::TOO_MANY_CONNECTIONS,
+                            "sorry, too many clients already",
+                        )
+                        .with_hint("pgwarden's max_client_connections is reached"),
+                    ));
                 }
             }
         }
-        drop(self.listener);
         sessions.close();
         info!(
             sessions = sessions.len(),
             "shutting down: waiting for sessions to finish"
         );
-        if tokio::time::timeout(app.config.server.shutdown_timeout, sessions.wait())
+        // Until the process exits, a client that still reaches this instance (the load
+        // balancer has not noticed yet) learns why instead of hanging or being reset.
+        let refusing = tokio::spawn(refuse_while_draining(app.clone(), self.listener));
+        let drain_timeout = app.live().config.server.shutdown_timeout;
+        if tokio::time::timeout(drain_timeout, sessions.wait())
             .await
             .is_err()
         {
@@ -128,6 +129,43 @@ impl Server {
                 "shutdown timeout: closing remaining sessions"
             );
         }
+        refusing.abort();
+    }
+}
+
+/// Pool and quota upkeep, every [`MAINTENANCE_INTERVAL`], over the targets in force.
+async fn maintain(app: Arc<App>) {
+    let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = app.shutdown.cancelled() => return,
+        }
+        app.maintain();
+        for target in &app.live().targets {
+            target.maintain();
+        }
+    }
+}
+
+/// Answers every new connection with FATAL 57P03 during the drain.
+async fn refuse_while_draining(app: Arc<App>, listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        app.metrics
+            .client_setups
+            .with_label_values(&["refused"])
+            .inc();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let report =
+                ErrorReport::fatal(sqlstate::CANNOT_CONNECT_NOW, "pgwarden is shutting down")
+                    .with_hint("connect again: another instance will serve you");
+            session::refuse_after_startup(&app, stream, report).await;
+        });
     }
 }
 
@@ -144,14 +182,9 @@ fn listen(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListen
     socket.listen(backlog)
 }
 
-async fn refuse(mut stream: TcpStream) {
+async fn refuse(mut stream: TcpStream, report: ErrorReport) {
     let mut out = BytesMut::new();
-    ErrorReport::fatal(
-        sqlstate::TOO_MANY_CONNECTIONS,
-        "sorry, too many clients already",
-    )
-    .with_hint("pgwarden's max_client_connections is reached")
-    .encode(&mut out);
+    report.encode(&mut out);
     let _ = stream.write_all(&out).await;
 }
 
@@ -180,10 +213,10 @@ fn raise_fd_limit(config: &Config) {
     }
 }
 
-/// Reloads the client TLS certificate and key on SIGHUP; a bad file keeps the old ones.
-async fn reload_tls_on_sighup(app: Arc<App>) {
+/// Reloads the configuration file on SIGHUP; a file that does not validate changes nothing.
+async fn reload_on_sighup(app: Arc<App>) {
     let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-        warn!("cannot listen for SIGHUP: TLS certificates will not be reloaded");
+        warn!("cannot listen for SIGHUP: the configuration will not be reloaded");
         return;
     };
     loop {
@@ -191,13 +224,22 @@ async fn reload_tls_on_sighup(app: Arc<App>) {
             _ = hup.recv() => {}
             () = app.shutdown.cancelled() => return,
         }
-        if let Some(tls) = &app.tls {
-            match tls.reload() {
-                Ok(()) => info!("TLS certificate reloaded"),
-                Err(e) => {
-                    warn!(error = %e, "TLS certificate reload failed; keeping the previous one")
-                }
+        info!("SIGHUP: reloading the configuration");
+        report_reload(app.reload_file().await);
+    }
+}
+
+/// Logs the outcome of a reload, one line per note.
+pub fn report_reload(outcome: Result<Vec<String>, crate::app::ReloadError>) {
+    match outcome {
+        Ok(notes) => {
+            for note in notes {
+                warn!(note = %note, "reload: setting kept");
             }
+            info!("configuration reloaded");
+        }
+        Err(e) => {
+            warn!(error = %e, "configuration reload refused; the previous configuration stays in force")
         }
     }
 }

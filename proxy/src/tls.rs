@@ -60,28 +60,27 @@ fn server_config(cert_path: &Path, key_path: &Path) -> Result<Arc<ServerConfig>,
     Ok(Arc::new(config))
 }
 
-/// The client-facing TLS acceptor, reloadable from its files.
+/// The client-facing TLS acceptor; a reload installs a new one.
 pub struct ServerTls {
-    cert_path: PathBuf,
-    key_path: PathBuf,
     acceptor: RwLock<TlsAcceptor>,
 }
 
 impl ServerTls {
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, TlsError> {
-        let config = server_config(cert_path, key_path)?;
         Ok(Self {
-            cert_path: cert_path.to_owned(),
-            key_path: key_path.to_owned(),
-            acceptor: RwLock::new(TlsAcceptor::from(config)),
+            acceptor: RwLock::new(Self::prepare(cert_path, key_path)?),
         })
     }
 
-    /// Reads the certificate and key again; on error the current ones stay in use.
-    pub fn reload(&self) -> Result<(), TlsError> {
-        let config = server_config(&self.cert_path, &self.key_path)?;
-        *self.acceptor.write().unwrap_or_else(|p| p.into_inner()) = TlsAcceptor::from(config);
-        Ok(())
+    /// Reads a certificate and key into an acceptor, to [`install`](Self::install) once
+    /// the rest of a reload has succeeded too.
+    pub fn prepare(cert_path: &Path, key_path: &Path) -> Result<TlsAcceptor, TlsError> {
+        Ok(TlsAcceptor::from(server_config(cert_path, key_path)?))
+    }
+
+    /// New handshakes use `acceptor`; connections already encrypted keep theirs.
+    pub fn install(&self, acceptor: TlsAcceptor) {
+        *self.acceptor.write().unwrap_or_else(|p| p.into_inner()) = acceptor;
     }
 
     pub fn acceptor(&self) -> TlsAcceptor {
@@ -93,7 +92,7 @@ impl ServerTls {
 }
 
 /// How pgwarden connects to a target's Postgres.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BackendTlsMode {
     /// Plain TCP.
@@ -252,9 +251,11 @@ mod tests {
         std::fs::write(&cert, &generated.cert_pem).expect("write");
         std::fs::write(&key, &generated.key_pem).expect("write");
         let tls = ServerTls::load(&cert, &key).expect("load");
-        tls.reload().expect("reload");
+        tls.install(ServerTls::prepare(&cert, &key).expect("reload"));
         std::fs::write(&key, "not a key").expect("write");
-        let err = tls.reload().expect_err("bad key refused");
+        let Err(err) = ServerTls::prepare(&cert, &key) else {
+            panic!("bad key refused")
+        };
         assert!(
             !err.to_string().contains("not a key"),
             "key contents never shown: {err}"

@@ -274,6 +274,45 @@ impl Pgwarden {
             .status();
     }
 
+    /// Runs pgbench as user `app` (password `app-pw`) on database `app` through pgwarden,
+    /// off the async runtime so the test can watch the server meanwhile.
+    pub async fn pgbench(&self, args: &[&str]) -> std::process::Output {
+        let port = self.port().to_string();
+        let mut all: Vec<String> = ["-h", "127.0.0.1", "-p", &port, "-U", "app"]
+            .iter()
+            .chain(args)
+            .map(|s| (*s).to_owned())
+            .collect();
+        all.push("app".to_owned());
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = all.iter().map(String::as_str).collect();
+            crate::pgbench(&args, &[("PGPASSWORD", "app-pw"), ("PGSSLMODE", "disable")])
+        })
+        .await
+        .expect("pgbench task")
+    }
+
+    /// Sends SIGHUP (reload the configuration file).
+    pub fn send_sighup(&self) {
+        let _ = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// The configuration file pgwarden was started with (and reloads).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("pgwarden.toml")
+    }
+
+    /// Rewrites the configuration file with `edit` (which must change it); a reload reads it.
+    pub fn edit_config(&self, edit: impl FnOnce(&str) -> String) {
+        let path = self.config_path();
+        let old = fs::read_to_string(&path).expect("read pgwarden.toml");
+        let new = edit(&old);
+        assert_ne!(old, new, "the edit changed nothing");
+        fs::write(&path, new).expect("write pgwarden.toml");
+    }
+
     /// The exit status, once pgwarden has exited within `within`; `None` if still running.
     pub async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + within;

@@ -16,24 +16,6 @@ async fn start(options: PgwardenOptions) -> (PgCluster, Pgwarden) {
     (cluster, pgwarden)
 }
 
-/// Runs pgbench as user `app` on database `app` through pgwarden, off the async runtime so
-/// the test can watch the server meanwhile.
-async fn pgbench_through(pgwarden: &Pgwarden, args: &[&str]) -> Output {
-    let port = pgwarden.port().to_string();
-    let mut all: Vec<String> = ["-h", "127.0.0.1", "-p", &port, "-U", "app"]
-        .iter()
-        .chain(args)
-        .map(|s| (*s).to_owned())
-        .collect();
-    all.push("app".to_owned());
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = all.iter().map(String::as_str).collect();
-        pgwarden_tests::pgbench(&args, &[("PGPASSWORD", "app-pw"), ("PGSSLMODE", "disable")])
-    })
-    .await
-    .expect("pgbench task")
-}
-
 /// stdout and stderr of a finished pgbench, for assertions and failure messages.
 fn text(out: &Output) -> String {
     format!(
@@ -96,7 +78,7 @@ async fn pgbench_tpcb_100_clients_through_pool_of_10_is_consistent_and_bounded()
     })
     .await;
 
-    let init = pgbench_through(&pgwarden, &["-i", "-s", "2"]).await;
+    let init = pgwarden.pgbench(&["-i", "-s", "2"]).await;
     assert_success(&init, &pgwarden, "pgbench -i -s 2 through pgwarden");
     let direct = direct_to_app_db(&cluster).await;
     assert_eq!(
@@ -127,7 +109,9 @@ async fn pgbench_tpcb_100_clients_through_pool_of_10_is_consistent_and_bounded()
         })
     };
 
-    let run = pgbench_through(&pgwarden, &["-c", "100", "-j", "2", "-T", "20"]).await;
+    let run = pgwarden
+        .pgbench(&["-c", "100", "-j", "2", "-T", "20"])
+        .await;
     stop.store(true, Ordering::Relaxed);
     let (max_backends, samples) = poll.await.expect("poll task");
     let text = assert_success(&run, &pgwarden, "pgbench -c 100 -j 2 -T 20");
@@ -171,10 +155,12 @@ async fn pgbench_tpcb_100_clients_through_pool_of_10_is_consistent_and_bounded()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_new_connection_per_transaction_select_only_has_no_errors() {
     let (_cluster, pgwarden) = start(PgwardenOptions::default()).await;
-    let init = pgbench_through(&pgwarden, &["-i", "-s", "1"]).await;
+    let init = pgwarden.pgbench(&["-i", "-s", "1"]).await;
     assert_success(&init, &pgwarden, "pgbench -i -s 1 through pgwarden");
 
-    let run = pgbench_through(&pgwarden, &["-C", "-S", "-c", "10", "-j", "2", "-T", "10"]).await;
+    let run = pgwarden
+        .pgbench(&["-C", "-S", "-c", "10", "-j", "2", "-T", "10"])
+        .await;
     let text = assert_success(&run, &pgwarden, "pgbench -C -S -c 10 -j 2 -T 10");
     eprintln!("{text}");
 
@@ -200,14 +186,12 @@ async fn pgbench_extended_protocol_has_no_errors() {
         ..PgwardenOptions::default()
     })
     .await;
-    let init = pgbench_through(&pgwarden, &["-i", "-s", "1"]).await;
+    let init = pgwarden.pgbench(&["-i", "-s", "1"]).await;
     assert_success(&init, &pgwarden, "pgbench -i -s 1 through pgwarden");
 
-    let run = pgbench_through(
-        &pgwarden,
-        &["-M", "extended", "-c", "20", "-j", "2", "-T", "10"],
-    )
-    .await;
+    let run = pgwarden
+        .pgbench(&["-M", "extended", "-c", "20", "-j", "2", "-T", "10"])
+        .await;
     let text = assert_success(&run, &pgwarden, "pgbench -M extended -c 20 -j 2 -T 10");
     eprintln!("{text}");
 

@@ -30,8 +30,9 @@ pub async fn release_after_client(s: &Session, mut backend: BackendConn, tx: TxS
         return;
     }
     let rollback = tx.status != backend::IDLE || tx.unsynced;
+    let reset_query = s.target.config().reset_query.clone();
     let reset = (s.pinned.is_some() || s.mode == PoolMode::Session)
-        .then_some(s.target.config.reset_query.as_str())
+        .then_some(reset_query.as_str())
         .filter(|q| !q.is_empty());
     if !rollback && reset.is_none() {
         s.pool.checkin(backend);

@@ -33,13 +33,14 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, info, info_span, Instrument};
 
-use crate::app::App;
+use crate::app::{App, Live};
 use crate::backend::{BackendConn, ConnectError};
 use crate::cancel::CancelHandle;
 use crate::config::{ClientAuth, PoolMode};
 use crate::metrics::GaugeGuard;
 use crate::pinning::PinReason;
 use crate::pool::{BorrowError, Pool, PoolKey, Target};
+use crate::quotas::QuotaGuard;
 
 use crate::stream::ClientStream;
 use handshake::{handshake, Handshake, HandshakeError, Negotiated};
@@ -76,7 +77,7 @@ impl Session {
     pub fn pin(&mut self, reason: PinReason) {
         if self
             .target
-            .config
+            .config()
             .pin_filters
             .iter()
             .any(|f| f == reason.as_str())
@@ -108,8 +109,9 @@ pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
     let span = info_span!("client", %peer, user = tracing::field::Empty, database = tracing::field::Empty, tls = tracing::field::Empty);
     async move {
+        let live = app.live();
         let mut buf = BytesMut::with_capacity(512);
-        let deadline = Instant::now() + app.config.server.startup_timeout;
+        let deadline = Instant::now() + live.config.server.startup_timeout;
         let negotiated =
             Box::pin(handshake(tcp, &mut buf, app.tls.as_ref(), deadline.into())).await;
         let (mut stream, message) = match negotiated {
@@ -146,7 +148,7 @@ pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
             }
         };
         tracing::Span::current().record("tls", stream.is_tls());
-        if app.config.server.require_tls && !stream.is_tls() {
+        if live.config.server.require_tls && !stream.is_tls() {
             let report = ErrorReport::fatal(
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                 "pgwarden requires TLS: connect with sslmode=require or stronger",
@@ -156,18 +158,28 @@ pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
         }
         let setup = tokio::time::timeout_at(
             deadline.into(),
-            Box::pin(establish(&app, &mut stream, &mut buf, &message, peer)),
+            Box::pin(establish(
+                &app,
+                &live,
+                &mut stream,
+                &mut buf,
+                &message,
+                peer,
+            )),
         )
         .await;
+        let startup_timeout = live.config.server.startup_timeout;
+        drop(live);
+        let mut _quota = None;
         let setup = match setup {
-            Ok(Ok(pool)) => Box::pin(start_session(&app, &mut stream, pool, &message)).await,
+            Ok(Ok((pool, quota))) => {
+                _quota = Some(quota);
+                Box::pin(start_session(&app, &mut stream, pool, &message)).await
+            }
             Ok(Err(failure)) => Err(failure),
             Err(_) => Err(ErrorReport::fatal(
                 sqlstate::CONNECTION_FAILURE,
-                format!(
-                    "startup and authentication did not finish within {:?}",
-                    app.config.server.startup_timeout
-                ),
+                format!("startup and authentication did not finish within {startup_timeout:?}"),
             )
             .into()),
         };
@@ -229,6 +241,10 @@ impl Failure {
                 ErrorReport::fatal(sqlstate::TOO_MANY_CONNECTIONS, e.to_string())
                     .with_hint("raise pool_size or borrow_timeout, or lower the client load"),
             ),
+            e @ BorrowError::QueueFull { .. } => Failure::Report(
+                ErrorReport::fatal(sqlstate::TOO_MANY_CONNECTIONS, e.to_string())
+                    .with_hint("the target's max_waiting_clients is reached; retry later"),
+            ),
             e @ BorrowError::CredentialsUnavailable(_) => Failure::Report(ErrorReport::fatal(
                 sqlstate::CONNECTION_FAILURE,
                 e.to_string(),
@@ -257,11 +273,12 @@ async fn fail(app: &App, stream: &mut ClientStream, failure: &Failure) {
 /// pool that will serve it. Bounded by the startup timeout.
 async fn establish(
     app: &Arc<App>,
+    live: &Live,
     stream: &mut ClientStream,
     buf: &mut BytesMut,
     message: &StartupMessage,
     peer: SocketAddr,
-) -> Result<Arc<Pool>, Failure> {
+) -> Result<(Arc<Pool>, QuotaGuard), Failure> {
     let user = message.user().ok_or_else(|| {
         ErrorReport::fatal(
             sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
@@ -272,7 +289,7 @@ async fn establish(
     let span = tracing::Span::current();
     span.record("user", user);
     span.record("database", database);
-    let target = app
+    let target = live
         .target_for(database)
         .ok_or_else(|| {
             ErrorReport::fatal(
@@ -308,12 +325,14 @@ async fn establish(
         )
         .into());
     }
-    let outcome = match (target.config.client_auth, &app.iam) {
+    let mut principal = None;
+    let outcome = match (target.config().client_auth, &live.iam) {
         (ClientAuth::Iam, Some(iam)) => {
             authenticate::authenticate_iam(stream, buf, iam, user, peer)
                 .await
                 .map(|id| {
                     info!(principal = %id.principal, rule = %id.rule, "IAM authentication allowed");
+                    principal = Some(id.principal);
                     "iam"
                 })
         }
@@ -349,10 +368,59 @@ async fn establish(
         }
     }
 
-    Ok(target.pool(PoolKey {
+    let quota = app
+        .quotas
+        .admit(
+            &live.config.quotas,
+            principal.as_deref(),
+            user,
+            Instant::now(),
+        )
+        .map_err(|refused| {
+            app.metrics
+                .quota_rejections
+                .with_label_values(&[refused.scope.label(), refused.limit.label()])
+                .inc();
+            info!(
+                scope = refused.scope.label(),
+                limit = refused.limit.label(),
+                "client refused by a quota"
+            );
+            ErrorReport::fatal(sqlstate::TOO_MANY_CONNECTIONS, refused.message)
+                .with_hint("the [[quotas]] of pgwarden's configuration set this limit")
+        })?;
+    let pool = target.pool(PoolKey {
         database: database.to_owned(),
         user: user.to_owned(),
-    }))
+    });
+    Ok((pool, quota))
+}
+
+/// Completes a client's handshake (so a TLS client reads the error over TLS and a cancel
+/// request still reaches its query), then refuses it with `report`. Used during the drain.
+pub async fn refuse_after_startup(app: &Arc<App>, tcp: TcpStream, report: ErrorReport) {
+    let mut buf = BytesMut::with_capacity(512);
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    match Box::pin(handshake(tcp, &mut buf, app.tls.as_ref(), deadline.into())).await {
+        Ok(Negotiated {
+            handshake: Handshake::Cancel(key),
+            ..
+        }) => {
+            let outcome = app.cancels.cancel(key).await;
+            app.metrics
+                .cancels
+                .with_label_values(&[outcome.as_str()])
+                .inc();
+        }
+        Ok(Negotiated { mut stream, .. }) => {
+            let mut out = BytesMut::new();
+            report.encode(&mut out);
+            let _ = stream.write_all(&out).await;
+            let _ = stream.flush().await;
+            let _ = stream.shutdown().await;
+        }
+        Err(_) => {}
+    }
 }
 
 /// Sends an authenticated client its ParameterStatus messages, BackendKeyData and first
@@ -366,10 +434,10 @@ async fn start_session(
 ) -> Result<(Session, Option<BackendConn>), Failure> {
     let target = pool.target().clone();
     let mut out = BytesMut::with_capacity(512);
-    let mode = target.config.pool_mode;
+    let mode = target.config().pool_mode;
     let mut held = None;
     if mode == PoolMode::Session || pool.params().is_none() {
-        let deadline = Instant::now() + target.config.borrow_timeout;
+        let deadline = Instant::now() + target.config().borrow_timeout;
         held = Some(pool.borrow(deadline).await.map_err(Failure::from_borrow)?);
     }
     // Startup parameters equal to what every backend logs in with need no replay.
@@ -396,7 +464,7 @@ async fn start_session(
                 let mut conn = match held.take() {
                     Some(conn) => conn,
                     None => {
-                        let deadline = Instant::now() + target.config.borrow_timeout;
+                        let deadline = Instant::now() + target.config().borrow_timeout;
                         pool.borrow(deadline).await.map_err(Failure::from_borrow)?
                     }
                 };

@@ -199,7 +199,7 @@ async fn borrow_watching_client(
     cbuf: &mut BytesMut,
     s: &Session,
 ) -> Option<Result<BackendConn, Failure>> {
-    let deadline = Instant::now() + s.target.config.borrow_timeout;
+    let deadline = Instant::now() + s.target.config().borrow_timeout;
     let borrow = s.pool.borrow(deadline);
     tokio::pin!(borrow);
     loop {

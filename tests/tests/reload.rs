@@ -1,0 +1,128 @@
+//! Reload on SIGHUP: a changed pool size applies under load without a failed transaction,
+//! in both directions; a configuration that does not validate changes nothing.
+
+use std::time::{Duration, Instant};
+
+use pgwarden_tests::{assert_pgbench_clean, PgCluster, Pgwarden, PgwardenOptions};
+
+/// Backend connections of user `app` on the server now.
+fn app_backends(cluster: &PgCluster) -> usize {
+    cluster
+        .psql("select count(*) from pg_stat_activity where usename = 'app'")
+        .parse()
+        .expect("a count")
+}
+
+/// Waits until `check` holds for the number of `app` backends; returns the last count.
+async fn wait_for_backends(
+    cluster: &PgCluster,
+    pgwarden: &Pgwarden,
+    what: &str,
+    check: impl Fn(usize) -> bool,
+) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let n = app_backends(cluster);
+        if check(n) {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {n} backends\n{}",
+            pgwarden.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn set_pool_size(pgwarden: &Pgwarden, from: u32, to: u32) {
+    pgwarden.edit_config(|toml| {
+        toml.replace(
+            &format!("pool_size = {from}\n"),
+            &format!("pool_size = {to}\n"),
+        )
+    });
+    pgwarden.send_sighup();
+}
+
+#[tokio::test]
+async fn sighup_resizes_the_pool_under_load_without_failing_a_transaction() {
+    let cluster = PgCluster::start();
+    let pgwarden = Pgwarden::start(
+        &cluster,
+        PgwardenOptions {
+            pool_size: 3,
+            ..PgwardenOptions::default()
+        },
+    )
+    .await;
+    cluster.init_pgbench("app-pw");
+    // Each transaction holds its backend for a while, so 24 clients keep every backend
+    // the pool allows busy.
+    let script = pgwarden.config_path().with_file_name("sleep.sql");
+    std::fs::write(&script, "select pg_sleep(0.02);\n").expect("write script");
+    let script = script.display().to_string();
+    let args = ["-n", "-f", &script, "-c", "24", "-j", "2", "-T", "14"];
+    let load = pgwarden.pgbench(&args);
+    let watch = async {
+        let before = wait_for_backends(&cluster, &pgwarden, "pool of 3 filled", |n| n == 3).await;
+        set_pool_size(&pgwarden, 3, 10);
+        let grown = wait_for_backends(&cluster, &pgwarden, "pool grown to 10", |n| n == 10).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let still = app_backends(&cluster);
+        set_pool_size(&pgwarden, 10, 2);
+        let shrunk = wait_for_backends(&cluster, &pgwarden, "pool shrunk to 2", |n| n == 2).await;
+        (before, grown, still, shrunk)
+    };
+    let (run, (before, grown, still, shrunk)) = tokio::join!(load, watch);
+    let stdout = assert_pgbench_clean(&run);
+    assert_eq!((before, grown, shrunk), (3, 10, 2), "{stdout}");
+    assert!(still <= 10, "the new size is a bound too: {still} backends");
+    let log = pgwarden.log();
+    assert_eq!(log.matches("configuration reloaded").count(), 2, "{log}");
+}
+
+#[tokio::test]
+async fn an_invalid_configuration_on_sighup_changes_nothing() {
+    let cluster = PgCluster::start();
+    let pgwarden = Pgwarden::start(
+        &cluster,
+        PgwardenOptions {
+            pool_size: 2,
+            ..PgwardenOptions::default()
+        },
+    )
+    .await;
+    // A larger pool, but with min_idle above it: the file does not validate.
+    pgwarden.edit_config(|toml| toml.replace("pool_size = 2\n", "pool_size = 8\nmin_idle = 9\n"));
+    pgwarden.send_sighup();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pgwarden.log().contains("configuration reload refused") {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal logged:\n{}",
+            pgwarden.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = pgwarden.log();
+    assert!(
+        log.contains("min_idle (9) is above pool_size (8)"),
+        "the log line says why: {log}"
+    );
+    // Six clients each hold a backend for a second; the pool of 2 still bounds them.
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(pgwarden.connect("app", "app-pw", "app").await);
+    }
+    let sleeps = clients.iter().map(|c| c.simple_query("select pg_sleep(1)"));
+    let watch = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        app_backends(&cluster)
+    };
+    let (results, during) = tokio::join!(futures_util::future::join_all(sleeps), watch);
+    for r in results {
+        r.expect("clients are served by the old configuration");
+    }
+    assert_eq!(during, 2, "pool_size is still 2");
+}
