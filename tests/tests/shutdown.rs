@@ -72,3 +72,89 @@ async fn sigterm_closes_session_mode_clients_between_transactions() {
         .expect("pgwarden exits without waiting for the idle session-mode client");
     assert!(status.success(), "exit status {status}");
 }
+
+#[tokio::test]
+async fn sigterm_under_load_reports_only_real_commits_refuses_newcomers_with_57p03_and_exits_0() {
+    let cluster = PgCluster::start();
+    let mut pgwarden = Pgwarden::start(&cluster, PgwardenOptions::default()).await;
+    cluster.psql_in("app", "create table ledger (client int, seq int, primary key (client, seq)); grant all on ledger to app");
+    // A long transaction keeps the drain going while a newcomer knocks.
+    let long = pgwarden.connect("app", "app-pw", "app").await;
+    long.batch_execute("begin; insert into ledger values (-1, 0)")
+        .await
+        .expect("open the long transaction");
+
+    let mut writers = Vec::new();
+    for client in 0..16 {
+        let conn = pgwarden.connect("app", "app-pw", "app").await;
+        writers.push(tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            for seq in 0.. {
+                let tx = format!(
+                    "begin; insert into ledger values ({client}, {seq}); select pg_sleep(0.01); commit"
+                );
+                match conn.batch_execute(&tx).await {
+                    Ok(()) => acknowledged.push((client, seq)),
+                    Err(_) => break,
+                }
+            }
+            acknowledged
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pgwarden.send_sigterm();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let newcomer = pgwarden
+        .try_connect("app", "app-pw", "app")
+        .await
+        .err()
+        .expect("no new client during the drain");
+    assert_eq!(
+        newcomer.code(),
+        Some(&SqlState::CANNOT_CONNECT_NOW),
+        "{newcomer:?}"
+    );
+    long.batch_execute("commit")
+        .await
+        .expect("the long transaction commits during the drain");
+
+    let mut acknowledged = Vec::new();
+    for writer in writers {
+        acknowledged.extend(writer.await.expect("writer task"));
+    }
+    let status = pgwarden
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("pgwarden exits within its drain timeout");
+    assert!(status.success(), "exit status {status}");
+
+    let stored = cluster.psql_in(
+        "app",
+        "select client || ':' || seq from ledger where client >= 0",
+    );
+    let stored: std::collections::HashSet<&str> = stored.lines().collect();
+    assert!(
+        acknowledged.len() > 16,
+        "the load ran: {} commits",
+        acknowledged.len()
+    );
+    for (client, seq) in &acknowledged {
+        assert!(
+            stored.contains(format!("{client}:{seq}").as_str()),
+            "commit of {client}:{seq} was acknowledged but is not in the table"
+        );
+    }
+    // A transaction cut short is rolled back by Postgres, never left half-done: at most the
+    // one in flight per client can be stored without its acknowledgement having arrived.
+    assert!(
+        stored.len() <= acknowledged.len() + 16,
+        "{} stored, {} acknowledged",
+        stored.len(),
+        acknowledged.len()
+    );
+    assert_eq!(
+        cluster.psql_in("app", "select count(*) from ledger where client = -1"),
+        "1"
+    );
+}

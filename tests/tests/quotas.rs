@@ -1,0 +1,170 @@
+//! Quotas: an IAM principal over its connection quota or its connection rate is refused
+//! with 53300 naming the limit, while another principal's clients run without an error.
+
+use std::time::SystemTime;
+
+use pgwarden_auth::rds_token::{generate, TokenRequest};
+use pgwarden_tests::{metric_sum, PgCluster, Pgwarden, PgwardenOptions};
+use tokio_postgres::error::SqlState;
+
+const SECRET: &str = "quota-test-secret-access-key";
+const SECRET_ENV: &str = "PGWARDEN_QUOTA_TEST_SECRET";
+
+/// Three Lambda roles, each with its own signing key; all may connect as `app`. The
+/// `orders` role may hold 3 connections, the `batch` role may open 2 at once and then one
+/// every 100 seconds; `reports` has no quota.
+fn iam_toml() -> String {
+    let key = |id: &str, role: &str| {
+        format!(
+            "[[iam.keys]]\naccess_key_id = \"{id}\"\nsecret_access_key_env = \"{SECRET_ENV}\"\nprincipal = \"arn:aws:sts::123456789012:assumed-role/{role}/session\"\n"
+        )
+    };
+    format!(
+        r#"[iam]
+verifier = "rds-token"
+advertised_hosts = ["localhost:__PORT__"]
+allow_plaintext_on_loopback = true
+
+{}
+{}
+{}
+[[iam.rules]]
+principal = "arn:aws:iam::123456789012:role/*"
+database_users = ["app"]
+
+[[quotas]]
+principal = "arn:aws:iam::123456789012:role/orders-*"
+max_connections = 3
+
+[[quotas]]
+principal = "arn:aws:iam::123456789012:role/batch-*"
+connections_per_second = 0.01
+burst = 2
+"#,
+        key("AKIDORDERS", "orders-fn"),
+        key("AKIDREPORTS", "reports-fn"),
+        key("AKIDBATCH", "batch-fn"),
+    )
+}
+
+fn token(pgwarden: &Pgwarden, key_id: &str) -> String {
+    generate(&TokenRequest {
+        host: "localhost",
+        port: pgwarden.port(),
+        db_user: "app",
+        region: "us-east-1",
+        access_key_id: key_id,
+        secret_access_key: SECRET,
+        session_token: None,
+        time: SystemTime::now(),
+    })
+}
+
+async fn refused(pgwarden: &Pgwarden, key_id: &str) -> String {
+    let err = pgwarden
+        .try_connect("app", &token(pgwarden, key_id), "app")
+        .await
+        .err()
+        .expect("refused by the quota");
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err:?}");
+    err.as_db_error()
+        .expect("a server error")
+        .message()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_principal_over_its_quota_is_refused_while_others_run_without_errors() {
+    std::env::set_var(SECRET_ENV, SECRET);
+    let cluster = PgCluster::start();
+    let pgwarden = Pgwarden::start(
+        &cluster,
+        PgwardenOptions {
+            extra_target_toml: "client_auth = \"iam\"".into(),
+            extra_toml: iam_toml(),
+            ..PgwardenOptions::default()
+        },
+    )
+    .await;
+
+    let mut orders = Vec::new();
+    for _ in 0..3 {
+        orders.push(
+            pgwarden
+                .connect("app", &token(&pgwarden, "AKIDORDERS"), "app")
+                .await,
+        );
+    }
+    let message = refused(&pgwarden, "AKIDORDERS").await;
+    assert!(
+        message.contains("role/orders-fn") && message.contains("max_connections"),
+        "{message}"
+    );
+
+    // Meanwhile another role runs ten clients at once, more than the orders quota.
+    let mut reports = Vec::new();
+    for _ in 0..10 {
+        reports.push(
+            pgwarden
+                .connect("app", &token(&pgwarden, "AKIDREPORTS"), "app")
+                .await,
+        );
+    }
+    let work = reports.iter().map(|c| async move {
+        for _ in 0..20 {
+            c.simple_query("select 1").await?;
+        }
+        Ok::<_, tokio_postgres::Error>(())
+    });
+    for result in futures_util::future::join_all(work).await {
+        result.expect("the reports role is not limited by the orders quota");
+    }
+    for c in &orders {
+        c.simple_query("select 1")
+            .await
+            .expect("admitted clients keep working");
+    }
+
+    // A disconnect gives the connection back (once pgwarden has seen it).
+    let open = |m: &str| metric_sum(m, "pgwarden_client_connections").unwrap_or_default();
+    let before = open(&pgwarden.metrics().await);
+    drop(orders.pop());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while open(&pgwarden.metrics().await) >= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the disconnect was not noticed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    orders.push(
+        pgwarden
+            .connect("app", &token(&pgwarden, "AKIDORDERS"), "app")
+            .await,
+    );
+
+    // The batch role's bucket holds two connections; the third comes too fast.
+    let _batch: Vec<_> = vec![
+        pgwarden
+            .connect("app", &token(&pgwarden, "AKIDBATCH"), "app")
+            .await,
+        pgwarden
+            .connect("app", &token(&pgwarden, "AKIDBATCH"), "app")
+            .await,
+    ];
+    let message = refused(&pgwarden, "AKIDBATCH").await;
+    assert!(
+        message.contains("role/batch-fn") && message.contains("connections_per_second"),
+        "{message}"
+    );
+
+    let metrics = pgwarden.metrics().await;
+    let rejections = |limit: &str| {
+        metric_sum(
+            &metrics,
+            &format!("pgwarden_quota_rejections_total{{limit=\"{limit}\",scope=\"principal\"}}"),
+        )
+    };
+    assert_eq!(rejections("connections"), Some(1.0), "{metrics}");
+    assert_eq!(rejections("rate"), Some(1.0), "{metrics}");
+}
