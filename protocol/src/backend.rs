@@ -67,6 +67,52 @@ pub const BIND_COMPLETE: u8 = b'2';
 pub const CLOSE_COMPLETE: u8 = b'3';
 pub const COMMAND_COMPLETE: u8 = b'C';
 
+pub const ROW_DESCRIPTION: u8 = b'T';
+pub const DATA_ROW: u8 = b'D';
+
+/// The OID of type `text`: every column pgwarden describes itself is text.
+const TEXT_OID: u32 = 25;
+
+/// RowDescription of text columns in text format.
+pub fn row_description(out: &mut BytesMut, columns: &[&str]) {
+    write_message(out, ROW_DESCRIPTION, |b| {
+        b.put_i16(i16::try_from(columns.len()).unwrap_or(i16::MAX));
+        for name in columns {
+            b.extend_from_slice(name.as_bytes());
+            b.put_u8(0);
+            b.put_u32(0); // no table
+            b.put_i16(0); // no column number
+            b.put_u32(TEXT_OID);
+            b.put_i16(-1); // variable length
+            b.put_i32(-1); // no type modifier
+            b.put_i16(0); // text format
+        }
+    });
+}
+
+/// DataRow of text values; `None` is NULL.
+pub fn data_row(out: &mut BytesMut, values: &[Option<&str>]) {
+    write_message(out, DATA_ROW, |b| {
+        b.put_i16(i16::try_from(values.len()).unwrap_or(i16::MAX));
+        for value in values {
+            match value {
+                Some(v) => {
+                    b.put_i32(i32::try_from(v.len()).unwrap_or(i32::MAX));
+                    b.extend_from_slice(v.as_bytes());
+                }
+                None => b.put_i32(-1),
+            }
+        }
+    });
+}
+
+pub fn command_complete(out: &mut BytesMut, tag: &str) {
+    write_message(out, COMMAND_COMPLETE, |b| {
+        b.extend_from_slice(tag.as_bytes());
+        b.put_u8(0);
+    });
+}
+
 pub fn parse_complete(out: &mut BytesMut) {
     write_message(out, PARSE_COMPLETE, |_| {});
 }

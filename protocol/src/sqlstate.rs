@@ -14,3 +14,6 @@ pub const QUERY_CANCELED: &str = "57014";
 pub const INTERNAL_ERROR: &str = "XX000";
 pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
 pub const INVALID_PARAMETER_VALUE: &str = "22023";
+pub const SYNTAX_ERROR: &str = "42601";
+pub const CONFIG_FILE_ERROR: &str = "F0000";
+pub const LOCK_NOT_AVAILABLE: &str = "55P03";

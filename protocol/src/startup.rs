@@ -12,6 +12,10 @@ use crate::ProtocolError;
 const SSL_REQUEST: u32 = 80_877_103;
 const GSSENC_REQUEST: u32 = 80_877_104;
 const CANCEL_REQUEST: u32 = 80_877_102;
+/// A CancelRequest one pgwarden instance passes to its peers (1234/5700: outside the codes
+/// Postgres uses). A peer acts on it only if the key is its own and never passes it on,
+/// so forwarding cannot loop.
+const FORWARDED_CANCEL_REQUEST: u32 = (1234 << 16) | 5700;
 
 /// A key the client must present to cancel its query: pgwarden issues its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -26,6 +30,8 @@ pub enum StartupPacket {
     SslRequest,
     GssEncRequest,
     Cancel(CancelKey),
+    /// A cancel forwarded by a peer pgwarden instance.
+    ForwardedCancel(CancelKey),
     Startup(StartupMessage),
 }
 
@@ -84,14 +90,19 @@ pub fn parse_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, Protoc
         }
         SSL_REQUEST => StartupPacket::SslRequest,
         GSSENC_REQUEST => StartupPacket::GssEncRequest,
-        CANCEL_REQUEST => {
+        CANCEL_REQUEST | FORWARDED_CANCEL_REQUEST => {
             if len != 16 {
                 return Err(ProtocolError::Malformed("cancel request"));
             }
-            StartupPacket::Cancel(CancelKey {
+            let key = CancelKey {
                 pid: body.get_i32(),
                 secret: body.get_i32(),
-            })
+            };
+            if code == CANCEL_REQUEST {
+                StartupPacket::Cancel(key)
+            } else {
+                StartupPacket::ForwardedCancel(key)
+            }
         }
         version => StartupPacket::Startup(parse_startup_message(version, body)?),
     };
@@ -152,8 +163,17 @@ pub fn encode_startup(params: &[(&str, &str)], out: &mut BytesMut) {
 
 /// Encodes a CancelRequest for `key`.
 pub fn encode_cancel(key: CancelKey, out: &mut BytesMut) {
+    encode_cancel_with(CANCEL_REQUEST, key, out);
+}
+
+/// Encodes the request a pgwarden instance sends its peers for a key it does not own.
+pub fn encode_forwarded_cancel(key: CancelKey, out: &mut BytesMut) {
+    encode_cancel_with(FORWARDED_CANCEL_REQUEST, key, out);
+}
+
+fn encode_cancel_with(code: u32, key: CancelKey, out: &mut BytesMut) {
     out.extend_from_slice(&16u32.to_be_bytes());
-    out.extend_from_slice(&CANCEL_REQUEST.to_be_bytes());
+    out.extend_from_slice(&code.to_be_bytes());
     out.extend_from_slice(&key.pid.to_be_bytes());
     out.extend_from_slice(&key.secret.to_be_bytes());
 }

@@ -145,7 +145,9 @@ pub struct App {
     pub client_slots: Arc<Semaphore>,
     client_slots_debt: AtomicUsize,
     /// While true (the console's PAUSE), transactions do not start.
-    pub paused: tokio::sync::watch::Sender<bool>,
+    paused: tokio::sync::watch::Sender<bool>,
+    /// The same, read on every transaction's start without a lock.
+    paused_now: std::sync::atomic::AtomicBool,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
     /// Cancelled when pgwarden begins shutting down: idle sessions close at once.
@@ -194,6 +196,7 @@ impl App {
             Some(t) => Some(ServerTls::load(&t.cert_path, &t.key_path)?),
             None => None,
         };
+        let cancels = Arc::new(CancelRegistry::new(config.cluster.instance_id));
         Ok(Arc::new(Self {
             client_slots: Arc::new(Semaphore::new(config.server.max_client_connections)),
             client_slots_debt: AtomicUsize::new(0),
@@ -204,11 +207,12 @@ impl App {
             }),
             config_path,
             metrics,
-            cancels: Arc::new(CancelRegistry::default()),
+            cancels,
             auth_limiter,
             quotas: Default::default(),
             tls,
             paused: tokio::sync::watch::Sender::new(false),
+            paused_now: std::sync::atomic::AtomicBool::new(false),
             reloading: tokio::sync::Mutex::new(()),
             shutdown,
         }))
@@ -286,6 +290,31 @@ impl App {
             iam,
         }));
         Ok(notes)
+    }
+
+    /// PAUSE: transactions that have not started wait until [`App::resume`].
+    pub fn pause(&self) {
+        self.paused_now
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.paused.send_replace(true);
+    }
+
+    pub fn resume(&self) {
+        self.paused_now
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.paused.send_replace(false);
+    }
+
+    /// Waits while paused, until `deadline`; false if still paused then.
+    pub async fn wait_resumed(&self, deadline: std::time::Instant) -> bool {
+        if !self.paused_now.load(std::sync::atomic::Ordering::Relaxed) {
+            return true;
+        }
+        let mut rx = self.paused.subscribe();
+        let resumed = tokio::time::timeout_at(deadline.into(), rx.wait_for(|paused| !paused))
+            .await
+            .is_ok();
+        resumed
     }
 
     fn resize_client_slots(&self, old: usize, new: usize) {

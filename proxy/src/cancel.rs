@@ -1,30 +1,80 @@
-//! Cancel routing. Clients get pgwarden-issued keys (a backend's own key would be useless
-//! to them, since their next transaction may run elsewhere). A CancelRequest is matched to
-//! the session that holds the key and forwarded, on its own short connection, to the backend
-//! serving that session at that moment, with that backend's key. A session between
-//! transactions has no backend, so a cancel for it does nothing.
+//! Cancel routing and the registry of connected clients. Clients get pgwarden-issued keys
+//! (a backend's own key would be useless to them, since their next transaction may run
+//! elsewhere). A CancelRequest is matched to the session that holds the key and forwarded,
+//! on its own short connection, to the backend serving that session at that moment, with
+//! that backend's key. A session between transactions has no backend, so a cancel for it
+//! does nothing.
+//!
+//! Behind a load balancer the cancel's connection may reach another pgwarden instance than
+//! the client's: every key carries its instance's `cluster.instance_id`, and an instance
+//! passes a key it does not own to its `cluster.peers` as a forwarded cancel, which the
+//! owner handles and nobody passes on again.
+//!
+//! The same registry lists the clients for the admin console (`SHOW CLIENTS`, `SHOW
+//! SERVERS`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
-use pgwarden_protocol::startup::{encode_cancel, CancelKey};
+use pgwarden_protocol::startup::{encode_cancel, encode_forwarded_cancel, CancelKey};
 use rand::Rng;
 use subtle::ConstantTimeEq;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::pool::Pool;
+
 /// Time limit for forwarding one cancel.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
-type Current = Arc<Mutex<Option<(SocketAddr, CancelKey)>>>;
+/// Bits of a key's pid below the instance id.
+const INSTANCE_SHIFT: u32 = 23;
+
+/// The backend a session runs on now, and since when.
+#[derive(Clone, Copy)]
+pub struct Attached {
+    pub addr: SocketAddr,
+    pub key: CancelKey,
+    pub since: SystemTime,
+}
+
+type Current = Arc<Mutex<Option<Attached>>>;
+
+/// A connected client, as the admin console shows it.
+pub struct ClientInfo {
+    pub peer: SocketAddr,
+    pub pool: Arc<Pool>,
+    pub principal: Option<String>,
+    pub tls: bool,
+    pub connected: SystemTime,
+}
+
+struct Entry {
+    secret: i32,
+    info: Arc<ClientInfo>,
+    current: Current,
+}
+
+/// A client and what it runs on now (a snapshot for the console).
+pub struct ClientSnapshot {
+    pub key: CancelKey,
+    pub info: Arc<ClientInfo>,
+    pub attached: Option<Attached>,
+}
 
 /// All live sessions' cancel keys.
-#[derive(Default)]
 pub struct CancelRegistry {
-    sessions: Mutex<HashMap<i32, (i32, Current)>>,
+    instance_id: u8,
+    sessions: Mutex<HashMap<i32, Entry>>,
+}
+
+impl Default for CancelRegistry {
+    fn default() -> Self {
+        Self::new(0)
+    }
 }
 
 /// What became of a CancelRequest; also the metric label.
@@ -36,6 +86,10 @@ pub enum CancelOutcome {
     /// No session has this key (or the secret is wrong).
     Unknown,
     Failed,
+    /// The key belongs to another instance; passed to the peers.
+    ToPeers,
+    /// The key belongs to another instance and no peer could be reached.
+    NoPeer,
 }
 
 impl CancelOutcome {
@@ -45,6 +99,8 @@ impl CancelOutcome {
             CancelOutcome::Idle => "idle",
             CancelOutcome::Unknown => "unknown",
             CancelOutcome::Failed => "failed",
+            CancelOutcome::ToPeers => "to_peers",
+            CancelOutcome::NoPeer => "no_peer",
         }
     }
 }
@@ -60,14 +116,28 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The instance that issued `key`.
+pub fn instance_of(key: CancelKey) -> u8 {
+    ((key.pid as u32) >> INSTANCE_SHIFT) as u8
+}
+
 impl CancelRegistry {
-    /// Issues a fresh key for a new session.
-    pub fn register(self: &Arc<Self>) -> CancelHandle {
+    pub fn new(instance_id: u8) -> Self {
+        Self {
+            instance_id,
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Issues a fresh key for a new session. The pid holds the instance id above 23
+    /// random bits; the secret is 32 random bits, as in Postgres.
+    pub fn register(self: &Arc<Self>, info: ClientInfo) -> CancelHandle {
         let mut rng = rand::thread_rng();
         let current = Current::default();
         let mut sessions = lock(&self.sessions);
+        let high = i32::from(self.instance_id & 0x7f) << INSTANCE_SHIFT;
         let key = loop {
-            let pid = rng.gen_range(1..i32::MAX);
+            let pid = high | rng.gen_range(1..(1 << INSTANCE_SHIFT));
             if !sessions.contains_key(&pid) {
                 break CancelKey {
                     pid,
@@ -75,7 +145,14 @@ impl CancelRegistry {
                 };
             }
         };
-        sessions.insert(key.pid, (key.secret, current.clone()));
+        sessions.insert(
+            key.pid,
+            Entry {
+                secret: key.secret,
+                info: Arc::new(info),
+                current: current.clone(),
+            },
+        );
         CancelHandle {
             registry: self.clone(),
             key,
@@ -83,27 +160,47 @@ impl CancelRegistry {
         }
     }
 
-    /// Handles a CancelRequest carrying `key`.
+    /// Whether `key` was issued by this instance.
+    pub fn owns(&self, key: CancelKey) -> bool {
+        instance_of(key) == self.instance_id & 0x7f
+    }
+
+    /// Handles a CancelRequest carrying one of this instance's keys.
     pub async fn cancel(&self, key: CancelKey) -> CancelOutcome {
         let target = {
             let sessions = lock(&self.sessions);
-            let Some((secret, current)) = sessions.get(&key.pid) else {
+            let Some(entry) = sessions.get(&key.pid) else {
                 return CancelOutcome::Unknown;
             };
-            if !bool::from(secret.to_be_bytes().ct_eq(&key.secret.to_be_bytes())) {
+            if !bool::from(entry.secret.to_be_bytes().ct_eq(&key.secret.to_be_bytes())) {
                 return CancelOutcome::Unknown;
             }
-            let current = *lock(current);
+            let current = *lock(&entry.current);
             current
         };
-        let Some((addr, backend_key)) = target else {
+        let Some(attached) = target else {
             return CancelOutcome::Idle;
         };
-        if forward_with_timeout(addr, backend_key).await {
+        if forward_with_timeout(attached.addr, attached.key).await {
             CancelOutcome::Forwarded
         } else {
             CancelOutcome::Failed
         }
+    }
+
+    /// Every client and the backend it holds now.
+    pub fn snapshot(&self) -> Vec<ClientSnapshot> {
+        lock(&self.sessions)
+            .iter()
+            .map(|(pid, entry)| ClientSnapshot {
+                key: CancelKey {
+                    pid: *pid,
+                    secret: 0,
+                },
+                info: entry.info.clone(),
+                attached: *lock(&entry.current),
+            })
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -115,19 +212,47 @@ impl CancelRegistry {
     }
 }
 
+/// Passes a cancel for another instance's key to every peer (`host:port`, names resolved
+/// now, so a DNS name that lists every instance works). The owner acts on it.
+pub async fn forward_to_peers(peers: &[String], key: CancelKey) -> CancelOutcome {
+    let mut packet = BytesMut::with_capacity(16);
+    encode_forwarded_cancel(key, &mut packet);
+    let mut reached = false;
+    for peer in peers {
+        let Ok(Ok(addrs)) =
+            tokio::time::timeout(FORWARD_TIMEOUT, tokio::net::lookup_host(peer.as_str())).await
+        else {
+            continue;
+        };
+        for addr in addrs {
+            if tokio::time::timeout(FORWARD_TIMEOUT, send(addr, &packet))
+                .await
+                .is_ok_and(|r| r.is_ok())
+            {
+                reached = true;
+            }
+        }
+    }
+    if reached {
+        CancelOutcome::ToPeers
+    } else {
+        CancelOutcome::NoPeer
+    }
+}
+
 /// Sends a cancel for `key` to `addr`, giving up after a few seconds.
 pub async fn forward_with_timeout(addr: SocketAddr, key: CancelKey) -> bool {
+    let mut packet = BytesMut::with_capacity(16);
+    encode_cancel(key, &mut packet);
     matches!(
-        tokio::time::timeout(FORWARD_TIMEOUT, forward(addr, key)).await,
+        tokio::time::timeout(FORWARD_TIMEOUT, send(addr, &packet)).await,
         Ok(Ok(()))
     )
 }
 
-async fn forward(addr: SocketAddr, key: CancelKey) -> std::io::Result<()> {
+async fn send(addr: SocketAddr, packet: &[u8]) -> std::io::Result<()> {
     let mut stream = TcpStream::connect(addr).await?;
-    let mut packet = BytesMut::with_capacity(16);
-    encode_cancel(key, &mut packet);
-    stream.write_all(&packet).await?;
+    stream.write_all(packet).await?;
     stream.shutdown().await
 }
 
@@ -139,7 +264,11 @@ impl CancelHandle {
 
     /// The session now runs on the backend at `addr` with `backend_key`.
     pub fn attach(&self, addr: SocketAddr, backend_key: CancelKey) {
-        *lock(&self.current) = Some((addr, backend_key));
+        *lock(&self.current) = Some(Attached {
+            addr,
+            key: backend_key,
+            since: SystemTime::now(),
+        });
     }
 
     /// The session released its backend.
@@ -158,11 +287,53 @@ impl Drop for CancelHandle {
 mod tests {
     use super::*;
 
+    /// A client of a pool of a made-up target (no connection is opened).
+    fn info() -> ClientInfo {
+        let config = crate::config::Config::from_toml(
+            "[server]\nrequire_tls = false\n[[targets]]\nname = \"main\"\nhost = \"h\"\ncredentials = { provider = \"file\", path = \"u\" }\n",
+        )
+        .expect("valid config");
+        let users = pgwarden_auth::FileCredentials::from_toml_str(
+            "[[users]]\nname = \"u\"\npassword = \"p\"\n",
+        )
+        .expect("users");
+        let target = crate::pool::Target::new(
+            config.targets[0].clone(),
+            crate::credentials::CredentialStore::from_users("main", &users).expect("store"),
+            None,
+            Arc::new(crate::metrics::Metrics::new()),
+            tokio_util::sync::CancellationToken::new(),
+        );
+        ClientInfo {
+            peer: "127.0.0.1:1".parse().expect("addr"),
+            pool: target.pool(crate::pool::PoolKey {
+                database: "d".into(),
+                user: "u".into(),
+            }),
+            principal: None,
+            tls: false,
+            connected: SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn keys_carry_the_instance_id() {
+        let registry = Arc::new(CancelRegistry::new(5));
+        let handles: Vec<_> = (0..100).map(|_| registry.register(info())).collect();
+        for h in &handles {
+            assert!(h.key().pid > 0);
+            assert_eq!(instance_of(h.key()), 5);
+            assert!(registry.owns(h.key()));
+        }
+        let other = Arc::new(CancelRegistry::new(6));
+        assert!(!other.owns(handles[0].key()));
+    }
+
     #[tokio::test]
     async fn keys_are_unique_checked_and_removed_with_the_session() {
         let registry = Arc::new(CancelRegistry::default());
-        let a = registry.register();
-        let b = registry.register();
+        let a = registry.register(info());
+        let b = registry.register(info());
         assert_ne!(a.key(), b.key());
         let wrong = CancelKey {
             pid: a.key().pid,
@@ -183,7 +354,7 @@ mod tests {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let registry = Arc::new(CancelRegistry::default());
-        let session = registry.register();
+        let session = registry.register(info());
         let backend_key = CancelKey { pid: 42, secret: 7 };
         session.attach(addr, backend_key);
         let (outcome, received) = tokio::join!(registry.cancel(session.key()), async {

@@ -12,6 +12,7 @@ pub mod auth_limit;
 pub mod backend;
 pub mod cancel;
 pub mod config;
+pub mod console;
 pub mod credentials;
 pub mod demo;
 pub mod metrics;

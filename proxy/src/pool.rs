@@ -387,6 +387,13 @@ impl Drop for Slot {
     }
 }
 
+/// An idle backend connection, as the admin console shows it.
+pub struct IdleServer {
+    pub addr: std::net::SocketAddr,
+    pub pid: i32,
+    pub idle_since: Instant,
+}
+
 /// Counts of a pool, for errors and metrics.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolStats {
@@ -424,6 +431,18 @@ impl Pool {
             idle: st.idle.len(),
             waiting: st.waiters.iter().filter(|w| !w.is_closed()).count(),
         }
+    }
+
+    pub fn idle_servers(&self) -> Vec<IdleServer> {
+        lock(&self.state)
+            .idle
+            .iter()
+            .map(|c| IdleServer {
+                addr: c.addr,
+                pid: c.pid,
+                idle_since: c.idle_since,
+            })
+            .collect()
     }
 
     pub fn reported_for(&self, settings: &Signature) -> Option<Vec<(String, String)>> {

@@ -335,6 +335,11 @@ impl CredentialStore {
         &self.mock_key
     }
 
+    /// Whether `user` is one of this provider's client-facing user names.
+    pub fn knows(&self, user: &str) -> bool {
+        self.users.contains_key(user)
+    }
+
     pub fn user_count(&self) -> usize {
         self.users.len()
     }

@@ -14,6 +14,8 @@ use crate::tls::ServerTls;
 pub enum Handshake {
     Startup(StartupMessage),
     Cancel(CancelKey),
+    /// A cancel a peer instance passed on: handled here only, never forwarded again.
+    ForwardedCancel(CancelKey),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +79,12 @@ pub async fn handshake(
                 return Ok(Negotiated {
                     stream,
                     handshake: Handshake::Cancel(key),
+                })
+            }
+            StartupPacket::ForwardedCancel(key) => {
+                return Ok(Negotiated {
+                    stream,
+                    handshake: Handshake::ForwardedCancel(key),
                 })
             }
             StartupPacket::Startup(message) => {

@@ -35,12 +35,13 @@ use tracing::{debug, info, info_span, Instrument};
 
 use crate::app::{App, Live};
 use crate::backend::{BackendConn, ConnectError};
-use crate::cancel::CancelHandle;
+use crate::cancel::{CancelHandle, CancelOutcome, ClientInfo};
 use crate::config::{ClientAuth, PoolMode};
 use crate::metrics::GaugeGuard;
 use crate::pinning::PinReason;
 use crate::pool::{BorrowError, Pool, PoolKey, Target};
 use crate::quotas::QuotaGuard;
+use pgwarden_protocol::startup::CancelKey;
 
 use crate::stream::ClientStream;
 use handshake::{handshake, Handshake, HandshakeError, Negotiated};
@@ -119,12 +120,14 @@ pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
                 handshake: Handshake::Cancel(key),
                 ..
             }) => {
-                let outcome = Box::pin(app.cancels.cancel(key)).await;
-                app.metrics
-                    .cancels
-                    .with_label_values(&[outcome.as_str()])
-                    .inc();
-                debug!(outcome = outcome.as_str(), "cancel request");
+                Box::pin(handle_cancel(&app, &live, key, false)).await;
+                return;
+            }
+            Ok(Negotiated {
+                handshake: Handshake::ForwardedCancel(key),
+                ..
+            }) => {
+                Box::pin(handle_cancel(&app, &live, key, true)).await;
                 return;
             }
             Ok(Negotiated {
@@ -172,9 +175,28 @@ pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
         drop(live);
         let mut _quota = None;
         let setup = match setup {
-            Ok(Ok((pool, quota))) => {
+            Ok(Ok(Admitted::Console { user })) => {
+                app.metrics
+                    .client_setups
+                    .with_label_values(&["succeeded"])
+                    .inc();
+                Box::pin(crate::console::serve(&app, &mut stream, buf, &user)).await;
+                return;
+            }
+            Ok(Ok(Admitted::Client {
+                pool,
+                quota,
+                principal,
+            })) => {
                 _quota = Some(quota);
-                Box::pin(start_session(&app, &mut stream, pool, &message)).await
+                let info = ClientInfo {
+                    peer,
+                    pool: pool.clone(),
+                    principal,
+                    tls: stream.is_tls(),
+                    connected: std::time::SystemTime::now(),
+                };
+                Box::pin(start_session(&app, &mut stream, pool, &message, info)).await
             }
             Ok(Err(failure)) => Err(failure),
             Err(_) => Err(ErrorReport::fatal(
@@ -269,8 +291,37 @@ async fn fail(app: &App, stream: &mut ClientStream, failure: &Failure) {
     let _ = stream.shutdown().await;
 }
 
+/// Handles a CancelRequest: for one of this instance's keys, cancels the query; for
+/// another instance's, passes it to the peers (unless a peer sent it: never twice).
+async fn handle_cancel(app: &App, live: &Live, key: CancelKey, from_peer: bool) {
+    let outcome = if app.cancels.owns(key) {
+        app.cancels.cancel(key).await
+    } else if from_peer {
+        CancelOutcome::Unknown
+    } else {
+        crate::cancel::forward_to_peers(&live.config.cluster.peers, key).await
+    };
+    app.metrics
+        .cancels
+        .with_label_values(&[outcome.as_str()])
+        .inc();
+    debug!(outcome = outcome.as_str(), from_peer, "cancel request");
+}
+
+/// An authenticated client: of a pool, or of the admin console.
+enum Admitted {
+    Client {
+        pool: Arc<Pool>,
+        quota: QuotaGuard,
+        principal: Option<String>,
+    },
+    Console {
+        user: String,
+    },
+}
+
 /// Picks the target for the client's database and authenticates the client; returns the
-/// pool that will serve it. Bounded by the startup timeout.
+/// pool that will serve it (or the admin console). Bounded by the startup timeout.
 async fn establish(
     app: &Arc<App>,
     live: &Live,
@@ -278,7 +329,7 @@ async fn establish(
     buf: &mut BytesMut,
     message: &StartupMessage,
     peer: SocketAddr,
-) -> Result<(Arc<Pool>, QuotaGuard), Failure> {
+) -> Result<Admitted, Failure> {
     let user = message.user().ok_or_else(|| {
         ErrorReport::fatal(
             sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
@@ -289,8 +340,20 @@ async fn establish(
     let span = tracing::Span::current();
     span.record("user", user);
     span.record("database", database);
-    let target = live
-        .target_for(database)
+    let console = database == crate::console::DATABASE;
+    // The console's users authenticate as clients of the first target that knows them.
+    let console_target = || {
+        live.targets
+            .iter()
+            .find(|t| t.credentials.knows(user))
+            .or(live.targets.first())
+    };
+    let chosen = if console {
+        console_target()
+    } else {
+        live.target_for(database)
+    };
+    let target = chosen
         .ok_or_else(|| {
             ErrorReport::fatal(
                 sqlstate::INVALID_CATALOG_NAME,
@@ -368,6 +431,24 @@ async fn establish(
         }
     }
 
+    if console {
+        if !live.config.server.admin_users.iter().any(|u| u == user) {
+            app.metrics
+                .auth_failures
+                .with_label_values(&["not_admin"])
+                .inc();
+            info!(target: "audit", event = "authorization", outcome = "denied", reason = "not_admin", "admin console refused");
+            return Err(ErrorReport::fatal(
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                format!("user \"{user}\" may not use the admin console"),
+            )
+            .with_hint("admins are listed in server.admin_users")
+            .into());
+        }
+        return Ok(Admitted::Console {
+            user: user.to_owned(),
+        });
+    }
     let quota = app
         .quotas
         .admit(
@@ -393,7 +474,11 @@ async fn establish(
         database: database.to_owned(),
         user: user.to_owned(),
     });
-    Ok((pool, quota))
+    Ok(Admitted::Client {
+        pool,
+        quota,
+        principal,
+    })
 }
 
 /// Completes a client's handshake (so a TLS client reads the error over TLS and a cancel
@@ -405,13 +490,11 @@ pub async fn refuse_after_startup(app: &Arc<App>, tcp: TcpStream, report: ErrorR
         Ok(Negotiated {
             handshake: Handshake::Cancel(key),
             ..
-        }) => {
-            let outcome = app.cancels.cancel(key).await;
-            app.metrics
-                .cancels
-                .with_label_values(&[outcome.as_str()])
-                .inc();
-        }
+        }) => handle_cancel(app, &app.live(), key, false).await,
+        Ok(Negotiated {
+            handshake: Handshake::ForwardedCancel(key),
+            ..
+        }) => handle_cancel(app, &app.live(), key, true).await,
         Ok(Negotiated { mut stream, .. }) => {
             let mut out = BytesMut::new();
             report.encode(&mut out);
@@ -431,6 +514,7 @@ async fn start_session(
     stream: &mut ClientStream,
     pool: Arc<Pool>,
     message: &StartupMessage,
+    info: ClientInfo,
 ) -> Result<(Session, Option<BackendConn>), Failure> {
     let target = pool.target().clone();
     let mut out = BytesMut::with_capacity(512);
@@ -502,7 +586,7 @@ async fn start_session(
             .map_or(value.as_str(), |(_, v)| v.as_str());
         backend::parameter_status(&mut out, name, value);
     }
-    let cancel = app.cancels.register();
+    let cancel = app.cancels.register(info);
     backend::backend_key_data(&mut out, cancel.key());
     backend::ready_for_query(&mut out, backend::IDLE);
     stream.write_all(&out).await.map_err(|_| closed())?;

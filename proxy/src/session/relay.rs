@@ -200,11 +200,21 @@ async fn borrow_watching_client(
     s: &Session,
 ) -> Option<Result<BackendConn, Failure>> {
     let deadline = Instant::now() + s.target.config().borrow_timeout;
-    let borrow = s.pool.borrow(deadline);
+    let borrow = async {
+        if !s.app.wait_resumed(deadline).await {
+            return Err(Failure::Report(
+                ErrorReport::fatal(
+                    sqlstate::TOO_MANY_CONNECTIONS,
+                    "pgwarden is paused (PAUSE on the admin console) and was not resumed within borrow_timeout",
+                ),
+            ));
+        }
+        s.pool.borrow(deadline).await.map_err(Failure::from_borrow)
+    };
     tokio::pin!(borrow);
     loop {
         tokio::select! {
-            result = &mut borrow => return Some(result.map_err(Failure::from_borrow)),
+            result = &mut borrow => return Some(result),
             ready = stream.readable(), if cbuf.len() < MAX_WAITING_BUFFER => {
                 if ready.is_err() {
                     return None;
