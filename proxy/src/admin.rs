@@ -15,17 +15,16 @@ use tracing::debug;
 
 use crate::app::App;
 
+/// Serves until the process exits: during the drain `/readyz` answers 503 and `/metrics`
+/// shows the drain.
 pub async fn serve(app: Arc<App>, listener: TcpListener) {
     loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = app.shutdown.cancelled() => return,
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(_) => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let app = app.clone();
         tokio::spawn(async move {
@@ -89,6 +88,11 @@ fn readiness(app: &App) -> (bool, String) {
         if !target.credentials.usable() {
             problems.push(format!(
                 "target {:?}: no database login could be read from Secrets Manager",
+                target.name()
+            ));
+        } else if !target.is_available() {
+            problems.push(format!(
+                "target {:?}: the last backend login failed; retrying",
                 target.name()
             ));
         } else if target.credentials.stale() {

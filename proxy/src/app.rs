@@ -119,7 +119,7 @@ pub struct Live {
     pub config: Config,
     pub targets: Vec<Arc<Target>>,
     /// IAM authentication, if configured.
-    pub iam: Option<Iam>,
+    pub iam: Option<Arc<Iam>>,
 }
 
 impl Live {
@@ -163,6 +163,8 @@ pub enum ReloadError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     App(#[from] AppError),
+    #[error("require_tls = true needs TLS, which pgwarden was started without: a reload cannot add [server.tls]; restart to enable it")]
+    TlsNeedsRestart,
 }
 
 impl App {
@@ -186,7 +188,7 @@ impl App {
         let iam = config
             .iam
             .as_ref()
-            .map(|c| Iam::new(c, &metrics))
+            .map(|c| Iam::new(c, &metrics).map(Arc::new))
             .transpose()?;
         let auth_limiter = crate::auth_limit::AuthLimiter::new(
             config.server.max_auth_failures,
@@ -239,6 +241,10 @@ impl App {
     pub async fn reload(self: &Arc<Self>, new: Config) -> Result<Vec<String>, ReloadError> {
         let _one_at_a_time = self.reloading.lock().await;
         let old = self.live();
+        if self.tls.is_none() && new.server.require_tls {
+            // A reload cannot start offering TLS, so requiring it would refuse everyone.
+            return Err(ReloadError::TlsNeedsRestart);
+        }
         let notes = restart_only_changes(&old.config, &new, self.tls.is_some());
         let acceptor = match (&self.tls, &new.server.tls) {
             (Some(_), Some(t)) => {
@@ -257,11 +263,15 @@ impl App {
                 _ => targets.push(build_target(t, &self.metrics, &self.shutdown).await?),
             }
         }
-        let iam = new
-            .iam
-            .as_ref()
-            .map(|c| Iam::new(c, &self.metrics))
-            .transpose()?;
+        // Rebuilt only when changed: the STS verifier's cache of identities survives.
+        let iam = if new.iam == old.config.iam {
+            old.iam.clone()
+        } else {
+            new.iam
+                .as_ref()
+                .map(|c| Iam::new(c, &self.metrics).map(Arc::new))
+                .transpose()?
+        };
 
         // Nothing below fails.
         if let (Some(tls), Some(acceptor)) = (&self.tls, acceptor) {

@@ -135,7 +135,8 @@ impl CancelRegistry {
         let mut rng = rand::thread_rng();
         let current = Current::default();
         let mut sessions = lock(&self.sessions);
-        let high = i32::from(self.instance_id & 0x7f) << INSTANCE_SHIFT;
+        // 255 << 23 still leaves the pid positive, as drivers expect.
+        let high = i32::from(self.instance_id) << INSTANCE_SHIFT;
         let key = loop {
             let pid = high | rng.gen_range(1..(1 << INSTANCE_SHIFT));
             if !sessions.contains_key(&pid) {
@@ -162,7 +163,7 @@ impl CancelRegistry {
 
     /// Whether `key` was issued by this instance.
     pub fn owns(&self, key: CancelKey) -> bool {
-        instance_of(key) == self.instance_id & 0x7f
+        instance_of(key) == self.instance_id
     }
 
     /// Handles a CancelRequest carrying one of this instance's keys.
@@ -217,21 +218,28 @@ impl CancelRegistry {
 pub async fn forward_to_peers(peers: &[String], key: CancelKey) -> CancelOutcome {
     let mut packet = BytesMut::with_capacity(16);
     encode_forwarded_cancel(key, &mut packet);
-    let mut reached = false;
+    // All peers at once: one unreachable peer must not delay the cancel for the others.
+    let mut sends = tokio::task::JoinSet::new();
     for peer in peers {
-        let Ok(Ok(addrs)) =
-            tokio::time::timeout(FORWARD_TIMEOUT, tokio::net::lookup_host(peer.as_str())).await
-        else {
-            continue;
-        };
-        for addr in addrs {
-            if tokio::time::timeout(FORWARD_TIMEOUT, send(addr, &packet))
-                .await
-                .is_ok_and(|r| r.is_ok())
-            {
-                reached = true;
+        let (peer, packet) = (peer.clone(), packet.clone().freeze());
+        sends.spawn(async move {
+            let Ok(Ok(addrs)) =
+                tokio::time::timeout(FORWARD_TIMEOUT, tokio::net::lookup_host(peer.as_str())).await
+            else {
+                return false;
+            };
+            let mut reached = false;
+            for addr in addrs {
+                reached |= tokio::time::timeout(FORWARD_TIMEOUT, send(addr, &packet))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
             }
-        }
+            reached
+        });
+    }
+    let mut reached = false;
+    while let Some(result) = sends.join_next().await {
+        reached |= result.unwrap_or(false);
     }
     if reached {
         CancelOutcome::ToPeers
@@ -318,14 +326,14 @@ mod tests {
 
     #[test]
     fn keys_carry_the_instance_id() {
-        let registry = Arc::new(CancelRegistry::new(5));
+        let registry = Arc::new(CancelRegistry::new(255));
         let handles: Vec<_> = (0..100).map(|_| registry.register(info())).collect();
         for h in &handles {
             assert!(h.key().pid > 0);
-            assert_eq!(instance_of(h.key()), 5);
+            assert_eq!(instance_of(h.key()), 255);
             assert!(registry.owns(h.key()));
         }
-        let other = Arc::new(CancelRegistry::new(6));
+        let other = Arc::new(CancelRegistry::new(127));
         assert!(!other.owns(handles[0].key()));
     }
 

@@ -144,6 +144,7 @@ async fn execute(app: &Arc<App>, command: &str) -> Result<Reply, ErrorReport> {
         ["SHOW", "HELP"] | ["HELP"] => Ok(Reply::table(
             vec!["command"],
             [
+                "SHOW HELP",
                 "SHOW POOLS",
                 "SHOW CLIENTS",
                 "SHOW SERVERS",
@@ -460,8 +461,14 @@ fn flatten(prefix: &str, value: &toml::Value, rows: &mut Vec<(String, String)>) 
             }
         }
         other => {
-            let lower = prefix.to_ascii_lowercase();
-            let shown = if lower.contains("password") || lower.contains("token") {
+            let last = prefix
+                .rsplit('.')
+                .next()
+                .unwrap_or(prefix)
+                .to_ascii_lowercase();
+            let secret =
+                last == "password" || last.ends_with("_password") || last.ends_with("token");
+            let shown = if secret {
                 "********".to_owned()
             } else {
                 match other {

@@ -1,6 +1,8 @@
 //! Prometheus metrics: one registry, typed fields, labels of bounded cardinality (target,
 //! outcome, reason, configured secret names; never a client address, user or query).
 
+use std::cell::RefCell;
+
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -9,8 +11,13 @@ use prometheus::{
 /// Every metric pgwarden exports. Cheap to clone fields out of; shared via `Arc<App>`.
 pub struct Metrics {
     registry: Registry,
+    /// Every registered family, so that one without samples yet (a vector no label set
+    /// was used of) is still listed by its HELP and TYPE lines.
+    families: Vec<Family>,
     /// Client connections open now.
     pub client_connections: IntGauge,
+    /// Client connections open now that do not use TLS.
+    pub client_connections_no_tls: IntGauge,
     /// Client connections accepted since start.
     pub client_connections_received: IntCounter,
     /// Client connection setups by outcome (`succeeded`, `failed`, `refused`).
@@ -39,6 +46,17 @@ pub struct Metrics {
     pub sts_requests: IntCounterVec,
     /// Backend connections open now, by target and state (`idle`, `borrowed`).
     pub backend_connections: IntGaugeVec,
+    /// Backend connections inside a transaction block now, by target.
+    pub backend_in_transaction: IntGaugeVec,
+    /// Backend connections held by a pinned client now, by target.
+    pub backend_pinned: IntGaugeVec,
+    /// `max_backend_connections` in force, by target.
+    pub backend_max: IntGaugeVec,
+    /// 1 while a backend login is possible (the last one succeeded), by target.
+    pub target_available: IntGaugeVec,
+    /// Time from a client request (Query, Sync, FunctionCall) relayed to the backend until
+    /// its last ReadyForQuery, by target.
+    pub query_response_seconds: HistogramVec,
     /// Backend logins by target and outcome (`succeeded`, `failed`).
     pub backend_setups: IntCounterVec,
     /// Backend connections closed, by target and reason.
@@ -62,7 +80,19 @@ pub struct Metrics {
     pub backend_login_seconds: Histogram,
 }
 
-fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
+/// Name, help and type of a registered metric family.
+type Family = (String, String, String);
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(
+    (registry, families): (&Registry, &RefCell<Vec<Family>>),
+    metric: T,
+) -> T {
+    for family in metric.collect() {
+        let kind = format!("{:?}", family.get_field_type()).to_lowercase();
+        families
+            .borrow_mut()
+            .push((family.name().to_owned(), family.help().to_owned(), kind));
+    }
     registry
         .register(Box::new(metric.clone()))
         .expect("metric names are unique and valid (fixed at compile time)");
@@ -71,27 +101,37 @@ fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registr
 
 impl Metrics {
     pub fn new() -> Self {
-        let r = Registry::new();
+        let registry = Registry::new();
+        let families = RefCell::new(Vec::new());
+        let r = (&registry, &families);
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             register(
-                &r,
+                r,
                 IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
             )
         };
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
             register(
-                &r,
+                r,
                 IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
             )
         };
-        Self {
+        let metrics = Self {
             client_connections: register(
-                &r,
+                r,
                 IntGauge::new("pgwarden_client_connections", "Client connections open now")
                     .expect("valid metric"),
             ),
+            client_connections_no_tls: register(
+                r,
+                IntGauge::new(
+                    "pgwarden_client_connections_no_tls",
+                    "Client connections open now without TLS",
+                )
+                .expect("valid metric"),
+            ),
             client_connections_received: register(
-                &r,
+                r,
                 IntCounter::new(
                     "pgwarden_client_connections_received_total",
                     "Client connections accepted",
@@ -149,13 +189,48 @@ impl Metrics {
                 &["outcome"],
             ),
             backend_connections: register(
-                &r,
+                r,
                 IntGaugeVec::new(
                     Opts::new(
                         "pgwarden_backend_connections",
                         "Backend connections open now",
                     ),
                     &["target", "state"],
+                )
+                .expect("valid metric"),
+            ),
+            backend_in_transaction: gauge_vec(
+                "pgwarden_backend_connections_in_transaction",
+                "Backend connections inside a transaction block now",
+                &["target"],
+            ),
+            backend_pinned: gauge_vec(
+                "pgwarden_backend_connections_pinned",
+                "Backend connections held by a pinned client now",
+                &["target"],
+            ),
+            backend_max: gauge_vec(
+                "pgwarden_backend_connections_max",
+                "max_backend_connections in force",
+                &["target"],
+            ),
+            target_available: gauge_vec(
+                "pgwarden_target_available",
+                "1 while a backend login is possible (the last one succeeded)",
+                &["target"],
+            ),
+            query_response_seconds: register(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "pgwarden_query_response_duration_seconds",
+                        "Time from a client request relayed to its last ReadyForQuery",
+                    )
+                    .buckets(vec![
+                        0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+                        0.25, 0.5, 1.0, 5.0, 30.0,
+                    ]),
+                    &["target"],
                 )
                 .expect("valid metric"),
             ),
@@ -170,7 +245,7 @@ impl Metrics {
                 &["target", "reason"],
             ),
             borrow_seconds: register(
-                &r,
+                r,
                 HistogramVec::new(
                     HistogramOpts::new(
                         "pgwarden_borrow_duration_seconds",
@@ -215,22 +290,39 @@ impl Metrics {
                 &["outcome"],
             ),
             backend_login_seconds: register(
-                &r,
+                r,
                 Histogram::with_opts(HistogramOpts::new(
                     "pgwarden_backend_login_duration_seconds",
                     "Time to connect and log in a backend connection",
                 ))
                 .expect("valid metric"),
             ),
-            registry: r,
+            registry,
+            families: families.into_inner(),
+        };
+        for outcome in ["succeeded", "failed", "refused"] {
+            metrics.client_setups.with_label_values(&[outcome]);
         }
+        metrics
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        TextEncoder::new()
-            .encode_to_string(&self.registry.gather())
-            .unwrap_or_else(|e| format!("# error encoding metrics: {e}\n"))
+        let gathered = self.registry.gather();
+        let mut text = TextEncoder::new()
+            .encode_to_string(&gathered)
+            .unwrap_or_else(|e| format!("# error encoding metrics: {e}\n"));
+        for (name, help, kind) in &self.families {
+            if !gathered.iter().any(|f| f.name() == name) {
+                text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            }
+        }
+        text
+    }
+
+    /// Names of every metric family.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.families.iter().map(|(name, _, _)| name.as_str())
     }
 }
 

@@ -97,7 +97,15 @@ pub struct Target {
     logins: Semaphore,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     pub metrics: Arc<Metrics>,
+    /// Whether the last backend login succeeded; while not, maintenance retries one (for
+    /// the pool that failed) so readiness recovers without waiting for a client.
+    available: std::sync::atomic::AtomicBool,
+    unavailable_pool: Mutex<Option<PoolKey>>,
+    last_probe: Mutex<Option<Instant>>,
 }
+
+/// How often an unavailable target's login is retried by maintenance.
+const PROBE_INTERVAL: Duration = Duration::from_secs(3);
 
 impl Target {
     pub fn new(
@@ -107,6 +115,28 @@ impl Target {
         metrics: Arc<Metrics>,
         retired: tokio_util::sync::CancellationToken,
     ) -> Arc<Self> {
+        metrics
+            .backend_max
+            .with_label_values(&[&config.name])
+            .set(config.max_backend_connections as i64);
+        metrics
+            .target_available
+            .with_label_values(&[&config.name])
+            .set(1);
+        // Series a dashboard reads exist from the start, at zero.
+        let name = config.name.as_str();
+        for state in ["idle", "borrowed"] {
+            metrics
+                .backend_connections
+                .with_label_values(&[name, state]);
+        }
+        for outcome in ["succeeded", "failed"] {
+            metrics.backend_setups.with_label_values(&[name, outcome]);
+        }
+        metrics.backend_in_transaction.with_label_values(&[name]);
+        metrics.backend_pinned.with_label_values(&[name]);
+        metrics.borrow_timeouts.with_label_values(&[name]);
+        metrics.queries.with_label_values(&[name]);
         Arc::new(Self {
             capacity: Arc::new(Semaphore::new(config.max_backend_connections)),
             capacity_waiters: AtomicUsize::new(0),
@@ -117,6 +147,9 @@ impl Target {
             capacity_debt: AtomicUsize::new(0),
             logins_debt: AtomicUsize::new(0),
             retired,
+            available: std::sync::atomic::AtomicBool::new(true),
+            unavailable_pool: Mutex::new(None),
+            last_probe: Mutex::new(None),
             credentials,
             connector,
             metrics,
@@ -151,6 +184,10 @@ impl Target {
     pub fn apply(&self, new: TargetConfig) {
         let old = self.config.swap(Arc::new(new));
         let new = self.config();
+        self.metrics
+            .backend_max
+            .with_label_values(&[self.name()])
+            .set(new.max_backend_connections as i64);
         resize(
             &self.capacity,
             &self.capacity_debt,
@@ -245,8 +282,60 @@ impl Target {
         pay_debt(&self.capacity, &self.capacity_debt);
         pay_debt(&self.logins, &self.logins_debt);
         self.maintain_pools();
+        self.probe_if_unavailable();
         lock(&self.pools)
             .retain(|_, pool| Arc::strong_count(pool) > 1 || lock(&pool.state).open > 0);
+    }
+
+    /// Whether a backend login is possible, as far as the last attempt tells.
+    pub fn is_available(&self) -> bool {
+        self.available.load(Ordering::Relaxed)
+    }
+
+    fn record_login(&self, pool: &PoolKey, ok: bool) {
+        if self.available.swap(ok, Ordering::Relaxed) != ok {
+            self.metrics
+                .target_available
+                .with_label_values(&[self.name()])
+                .set(i64::from(ok));
+            if ok {
+                info!(target_name = %self.name(), "backend logins work again");
+            } else {
+                warn!(target_name = %self.name(), "backend login failed: target unavailable until one succeeds");
+            }
+        }
+        if !ok {
+            *lock(&self.unavailable_pool) = Some(pool.clone());
+        }
+    }
+
+    /// While unavailable, opens one connection for the pool whose login failed, every
+    /// [`PROBE_INTERVAL`].
+    fn probe_if_unavailable(self: &Arc<Self>) {
+        if self.is_available() {
+            return;
+        }
+        let now = Instant::now();
+        {
+            let mut last = lock(&self.last_probe);
+            if last.is_some_and(|t| now.duration_since(t) < PROBE_INTERVAL) {
+                return;
+            }
+            *last = Some(now);
+        }
+        let Some(key) = lock(&self.unavailable_pool).clone() else {
+            return;
+        };
+        let pool = self.pool(key);
+        let Some(slot) = pool.reserve_below(self.config().pool_size) else {
+            return;
+        };
+        tokio::spawn(async move {
+            let deadline = Instant::now() + pool.target.config().connect_timeout;
+            if let Ok(conn) = pool.create(slot, Instant::now(), deadline).await {
+                pool.checkin(conn);
+            }
+        });
     }
 
     fn maintain_pools(self: &Arc<Self>) {
@@ -512,8 +601,13 @@ impl Pool {
     }
 
     fn reserve_for_min_idle(self: &Arc<Self>) -> Option<Slot> {
+        self.reserve_below(self.target.config().min_idle)
+    }
+
+    /// A slot, if the pool has fewer than `limit` connections.
+    fn reserve_below(self: &Arc<Self>, limit: usize) -> Option<Slot> {
         let mut st = lock(&self.state);
-        (st.open < self.target.config().min_idle).then(|| {
+        (st.open < limit).then(|| {
             st.open += 1;
             Slot {
                 pool: self.clone(),
@@ -652,7 +746,13 @@ impl Pool {
             .await
             .map_err(|_| self.timeout_error(started))?
             .expect("the login semaphore is never closed");
-        let logged_in = self.log_in(deadline).await?;
+        let logged_in = self.log_in(deadline).await;
+        match &logged_in {
+            Ok(_) => target.record_login(&self.key, true),
+            Err(BorrowError::Connect(_)) => target.record_login(&self.key, false),
+            Err(_) => {}
+        }
+        let logged_in = logged_in?;
         target
             .metrics
             .backend_setups

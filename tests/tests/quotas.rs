@@ -64,8 +64,7 @@ async fn refused(pgwarden: &Pgwarden, key_id: &str) -> String {
     let err = pgwarden
         .try_connect("app", &token(pgwarden, key_id), "app")
         .await
-        .err()
-        .expect("refused by the quota");
+        .expect_err("refused by the quota");
     assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err:?}");
     err.as_db_error()
         .expect("a server error")

@@ -108,8 +108,7 @@ async fn sigterm_under_load_reports_only_real_commits_refuses_newcomers_with_57p
     let newcomer = pgwarden
         .try_connect("app", "app-pw", "app")
         .await
-        .err()
-        .expect("no new client during the drain");
+        .expect_err("no new client during the drain");
     assert_eq!(
         newcomer.code(),
         Some(&SqlState::CANNOT_CONNECT_NOW),

@@ -44,6 +44,8 @@ pub struct TxState {
     /// The last CommandComplete was COMMIT (a transaction block ending in ReadyForQuery 'I'
     /// committed).
     pub last_was_commit: bool,
+    /// When the oldest request still waiting for its ReadyForQuery was relayed.
+    pub request_started: Option<std::time::Instant>,
 }
 
 impl Default for TxState {
@@ -56,6 +58,7 @@ impl Default for TxState {
             error_since_ready: false,
             backend_fatal: false,
             last_was_commit: false,
+            request_started: None,
         }
     }
 }
@@ -178,18 +181,22 @@ pub fn process_client(
 fn count_request(s: &mut Session, tx: &mut TxState, tag: u8) {
     match tag {
         frontend::SYNC => {
-            tx.pending += 1;
             tx.unsynced = false;
-            s.queries.inc();
+            request_sent(s, tx);
         }
-        frontend::QUERY | frontend::FUNCTION_CALL => {
-            tx.pending += 1;
-            s.queries.inc();
-        }
+        frontend::QUERY | frontend::FUNCTION_CALL => request_sent(s, tx),
         frontend::COPY_DATA => {}
         frontend::COPY_DONE | frontend::COPY_FAIL => tx.copy_in = false,
         _ => tx.unsynced = true,
     }
+}
+
+fn request_sent(s: &mut Session, tx: &mut TxState) {
+    if tx.pending == 0 {
+        tx.request_started = Some(std::time::Instant::now());
+    }
+    tx.pending += 1;
+    s.queries.inc();
 }
 
 /// Plans the answer to one client message and, when it must be rewritten or answered by
@@ -514,11 +521,24 @@ pub fn process_backend(
                     Ok(status) => tx.status = status,
                     Err(e) => result = Err(e),
                 }
+                let in_block = tx.status != backend::IDLE;
+                if in_block != was_in_block {
+                    if in_block {
+                        s.in_transaction.inc();
+                    } else {
+                        s.in_transaction.dec();
+                    }
+                }
                 if was_in_block && tx.status == backend::IDLE && s.settings.has_deferred() {
                     s.settings.end_transaction(committed);
                     *side.settings = s.settings.signature();
                 }
                 tx.pending = tx.pending.saturating_sub(1);
+                if tx.pending == 0 {
+                    if let Some(started) = tx.request_started.take() {
+                        s.response_seconds.observe(started.elapsed().as_secs_f64());
+                    }
+                }
                 tx.copy_in = false;
                 tx.error_since_ready = false;
             }

@@ -59,6 +59,10 @@ pub struct Session {
     pub client_walker: FrameWalker,
     /// `pgwarden_query_requests_total` for this target, resolved once.
     pub queries: IntCounter,
+    /// `pgwarden_query_response_duration_seconds` for this target, resolved once.
+    pub response_seconds: prometheus::Histogram,
+    /// `pgwarden_backend_connections_in_transaction` for this target, resolved once.
+    pub in_transaction: prometheus::IntGauge,
     /// The client's named prepared statements (transaction mode).
     pub statements: statements::ClientStatements,
     /// Answers owed to the client for messages in flight.
@@ -94,10 +98,27 @@ impl Session {
             self.pinned = Some(reason);
             self.app
                 .metrics
+                .backend_pinned
+                .with_label_values(&[self.target.name()])
+                .inc();
+            self.app
+                .metrics
                 .pins
                 .with_label_values(&[self.target.name(), reason.as_str()])
                 .inc();
             debug!(reason = reason.as_str(), "client pinned to its backend");
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.pinned.is_some() {
+            self.app
+                .metrics
+                .backend_pinned
+                .with_label_values(&[self.target.name()])
+                .dec();
         }
     }
 }
@@ -151,6 +172,8 @@ pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
             }
         };
         tracing::Span::current().record("tls", stream.is_tls());
+        let _no_tls = (!stream.is_tls())
+            .then(|| GaugeGuard::new(app.metrics.client_connections_no_tls.clone()));
         if live.config.server.require_tls && !stream.is_tls() {
             let report = ErrorReport::fatal(
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
@@ -593,6 +616,14 @@ async fn start_session(
     stream.flush().await.map_err(|_| closed())?;
 
     let queries = app.metrics.queries.with_label_values(&[target.name()]);
+    let response_seconds = app
+        .metrics
+        .query_response_seconds
+        .with_label_values(&[target.name()]);
+    let in_transaction = app
+        .metrics
+        .backend_in_transaction
+        .with_label_values(&[target.name()]);
     Ok((
         Session {
             app: app.clone(),
@@ -602,6 +633,8 @@ async fn start_session(
             pinned: None,
             client_walker: FrameWalker::new(),
             queries,
+            response_seconds,
+            in_transaction,
             statements: Default::default(),
             plan: Default::default(),
             settings,

@@ -97,6 +97,11 @@ pub async fn serve(
         let mut tx = TxState::default();
         let end = Box::pin(relay(stream, &mut cbuf, &mut backend, s, &mut tx)).await;
         s.cancel.detach();
+        if tx.status != backend::IDLE {
+            // Counted in by the ReadyForQuery that opened the block; the round ends inside
+            // it (the client left or the backend was lost), so the cleanup ends it.
+            s.in_transaction.dec();
+        }
         if !matches!(end, End::Idle) {
             debug!(end = ?end, tx = ?tx, "relay round ended");
         }
