@@ -59,6 +59,7 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result
 listen = "{listen}"
 admin_listen = "{admin_listen}"
 require_tls = true
+admin_users = ["{DEMO_USER}"]
 
 [server.tls]
 cert_path = {cert_path:?}

@@ -73,13 +73,14 @@ fn init_logging(cli: &Cli) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
+    let log_format = cli.log_format;
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("pgwarden: cannot start the runtime: {e}");
+            tracing::error!(error = %e, "cannot start the runtime");
             return ExitCode::FAILURE;
         }
     };
@@ -99,7 +100,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("pgwarden: {e:#}");
+            match log_format {
+                LogFormat::Human => eprintln!("pgwarden: {e:#}"),
+                // Every line on stderr stays one JSON object.
+                LogFormat::Json => tracing::error!(error = %format!("{e:#}"), "pgwarden stopped"),
+            }
             ExitCode::FAILURE
         }
     }

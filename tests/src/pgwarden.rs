@@ -74,6 +74,8 @@ pub struct Pgwarden {
     child: Child,
     port: u16,
     admin_port: u16,
+    /// Passwords and tokens the log must never contain (checked on drop).
+    secrets: std::sync::Mutex<Vec<String>>,
 }
 
 /// The credentials file pgwarden's `file` provider reads.
@@ -132,6 +134,13 @@ impl Pgwarden {
             dir,
             port,
             admin_port,
+            secrets: std::sync::Mutex::new(
+                options
+                    .users
+                    .iter()
+                    .map(|(_, password)| password.clone())
+                    .collect(),
+            ),
         };
         let mut exits = Vec::new();
         loop {
@@ -292,6 +301,32 @@ impl Pgwarden {
         .expect("pgbench task")
     }
 
+    /// Adds a password or token to those the log must never contain.
+    pub fn forbid_in_log(&self, secret: &str) {
+        self.secrets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(secret.to_owned());
+    }
+
+    /// Every log line is one JSON object (pgwarden runs with `PGWARDEN_LOG_FORMAT=json`
+    /// here) and none contains a password or token of the test.
+    pub fn assert_log_clean(&self) {
+        let log = self.log();
+        let secrets = self.secrets.lock().unwrap_or_else(|p| p.into_inner());
+        for line in log.lines().filter(|line| !line.trim().is_empty()) {
+            if let Err(e) = serde_json::from_str::<serde_json::Value>(line) {
+                panic!("a log line is not JSON ({e}): {line}");
+            }
+            if let Some(secret) = secrets.iter().find(|s| line.contains(s.as_str())) {
+                panic!(
+                    "a secret ({} characters) appears in the log: {line}",
+                    secret.len()
+                );
+            }
+        }
+    }
+
     /// Sends SIGHUP (reload the configuration file).
     pub fn send_sighup(&self) {
         let _ = Command::new("kill")
@@ -351,6 +386,9 @@ impl Pgwarden {
 impl Drop for Pgwarden {
     fn drop(&mut self) {
         self.stop();
+        if !std::thread::panicking() {
+            self.assert_log_clean();
+        }
         if std::thread::panicking() {
             eprintln!(
                 "--- pgwarden.log (last 60 lines) ---\n{}",
@@ -480,6 +518,7 @@ fn spawn(binary: &Path, config: &Path, log: &Path, env: &[(String, String)]) -> 
         .arg("--config")
         .arg(config)
         .env("RUST_LOG", rust_log)
+        .env("PGWARDEN_LOG_FORMAT", "json")
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .stdout(stdout)

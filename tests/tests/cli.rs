@@ -177,6 +177,27 @@ async fn demo_serves_the_connection_string_it_prints_and_cleans_up_on_sigterm() 
         "{body}"
     );
 
+    // The demo's user is an admin: the console answers on database pgwarden.
+    let console = Command::new(pgwarden_tests::pg_bindir().join("psql"))
+        .args([
+            "-XAt",
+            &dsn.replace("/demo?", "/pgwarden?"),
+            "-c",
+            "SHOW POOLS",
+        ])
+        .output()
+        .expect("run psql");
+    assert!(
+        console.status.success(),
+        "{}",
+        String::from_utf8_lossy(&console.stderr)
+    );
+    let pools = String::from_utf8_lossy(&console.stdout);
+    assert!(
+        pools.lines().any(|l| l.starts_with("demo|demo|")),
+        "{pools}"
+    );
+
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -48,7 +48,7 @@ burst = 2
 }
 
 fn token(pgwarden: &Pgwarden, key_id: &str) -> String {
-    generate(&TokenRequest {
+    let token = generate(&TokenRequest {
         host: "localhost",
         port: pgwarden.port(),
         db_user: "app",
@@ -57,7 +57,9 @@ fn token(pgwarden: &Pgwarden, key_id: &str) -> String {
         secret_access_key: SECRET,
         session_token: None,
         time: SystemTime::now(),
-    })
+    });
+    pgwarden.forbid_in_log(&token);
+    token
 }
 
 async fn refused(pgwarden: &Pgwarden, key_id: &str) -> String {

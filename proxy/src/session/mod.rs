@@ -129,7 +129,15 @@ pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
     app.metrics.client_connections_received.inc();
     // Small messages must not wait for Nagle.
     let _ = tcp.set_nodelay(true);
-    let span = info_span!("client", %peer, user = tracing::field::Empty, database = tracing::field::Empty, tls = tracing::field::Empty);
+    let span = info_span!(
+        "client",
+        %peer,
+        user = tracing::field::Empty,
+        database = tracing::field::Empty,
+        target = tracing::field::Empty,
+        principal = tracing::field::Empty,
+        tls = tracing::field::Empty
+    );
     async move {
         let live = app.live();
         let mut buf = BytesMut::with_capacity(512);
@@ -384,6 +392,7 @@ async fn establish(
             )
         })?
         .clone();
+    span.record("target", target.name());
 
     let mut out = BytesMut::with_capacity(512);
     if message.minor_version > 0 || !message.protocol_options.is_empty() {
@@ -402,6 +411,10 @@ async fn establish(
             .with_label_values(&[scope.label()])
             .inc();
         info!(
+            target: "audit",
+            event = "authentication",
+            outcome = "denied",
+            reason = "rate_limited",
             scope = scope.label(),
             "authentication refused: too many recent failures"
         );
@@ -417,7 +430,8 @@ async fn establish(
             authenticate::authenticate_iam(stream, buf, iam, user, peer)
                 .await
                 .map(|id| {
-                    info!(principal = %id.principal, rule = %id.rule, "IAM authentication allowed");
+                    span.record("principal", id.principal.as_str());
+                    info!(target: "audit", event = "authorization", outcome = "allowed", principal = %id.principal, rule = %id.rule, "IAM principal allowed by a rule");
                     principal = Some(id.principal);
                     "iam"
                 })
@@ -436,11 +450,13 @@ async fn establish(
         }
     };
     match outcome {
-        Ok(method) => app
-            .metrics
-            .auth_successes
-            .with_label_values(&[method])
-            .inc(),
+        Ok(method) => {
+            app.metrics
+                .auth_successes
+                .with_label_values(&[method])
+                .inc();
+            info!(target: "audit", event = "authentication", outcome = "allowed", method, "client authenticated");
+        }
         Err(failure) => {
             if failure.reason != "client_disconnected" {
                 app.auth_limiter.record_failure(&scopes, Instant::now());
@@ -449,7 +465,7 @@ async fn establish(
                 .auth_failures
                 .with_label_values(&[failure.reason])
                 .inc();
-            info!(reason = failure.reason, "client authentication failed");
+            info!(target: "audit", event = "authentication", outcome = "denied", reason = failure.reason, "client authentication failed");
             return Err(failure.report.into());
         }
     }
@@ -468,6 +484,7 @@ async fn establish(
             .with_hint("admins are listed in server.admin_users")
             .into());
         }
+        info!(target: "audit", event = "authorization", outcome = "allowed", scope = "console", "admin console allowed");
         return Ok(Admitted::Console {
             user: user.to_owned(),
         });
