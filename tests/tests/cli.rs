@@ -214,6 +214,12 @@ async fn demo_serves_the_connection_string_it_prints_and_cleans_up_on_sigterm() 
     let mut log = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut log)
         .expect("log");
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "a demo log line is not JSON: {line}"
+        );
+    }
     let dir = log
         .lines()
         .find(|l| l.contains("demo Postgres cluster started"))

@@ -169,3 +169,57 @@ async fn a_principal_over_its_quota_is_refused_while_others_run_without_errors()
     assert_eq!(rejections("connections"), Some(1.0), "{metrics}");
     assert_eq!(rejections("rate"), Some(1.0), "{metrics}");
 }
+
+#[tokio::test]
+async fn a_pool_with_max_waiting_clients_refuses_one_more_waiter_at_once() {
+    let cluster = PgCluster::start();
+    let pgwarden = Pgwarden::start(
+        &cluster,
+        PgwardenOptions {
+            pool_size: 1,
+            extra_target_toml: "max_waiting_clients = 2".into(),
+            ..PgwardenOptions::default()
+        },
+    )
+    .await;
+    let holder = pgwarden.connect("app", "app-pw", "app").await;
+    holder
+        .batch_execute("begin; select 1")
+        .await
+        .expect("hold the only backend");
+    let mut waiters = Vec::new();
+    for _ in 0..3 {
+        waiters.push(pgwarden.connect("app", "app-pw", "app").await);
+    }
+    // Two wait for the backend; the third finds the queue full.
+    let first_two =
+        futures_util::future::join_all(waiters[..2].iter().map(|c| c.simple_query("select 1")));
+    let third = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let err = waiters[2]
+            .simple_query("select 1")
+            .await
+            .expect_err("the queue is full");
+        holder
+            .batch_execute("commit")
+            .await
+            .expect("release the backend");
+        err
+    };
+    let (served, err) = tokio::join!(first_two, third);
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err:?}");
+    let message = err.as_db_error().expect("a server error").message();
+    assert!(message.contains("max_waiting_clients"), "{message}");
+    for result in served {
+        result.expect("the two waiters are served once the backend is free");
+    }
+    let metrics = pgwarden.metrics().await;
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "pgwarden_quota_rejections_total{limit=\"waiting\",scope=\"pool\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+}

@@ -126,3 +126,77 @@ async fn an_invalid_configuration_on_sighup_changes_nothing() {
     }
     assert_eq!(during, 2, "pool_size is still 2");
 }
+
+/// `pgwarden_query_requests_total` of `target`.
+async fn queries_of(pgwarden: &Pgwarden, target: &str) -> f64 {
+    pgwarden_tests::metric_sum(
+        &pgwarden.metrics().await,
+        &format!("pgwarden_query_requests_total{{target=\"{target}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_reload_adds_and_removes_targets_without_dropping_their_clients() {
+    let cluster = PgCluster::start();
+    let pgwarden = Pgwarden::start(&cluster, PgwardenOptions::default()).await;
+    cluster.create_database("reports", "app");
+    let on_main = pgwarden.connect("app", "app-pw", "app").await;
+
+    // A new target for database reports, ahead of main (which serves every database).
+    let original = std::fs::read_to_string(pgwarden.config_path()).expect("read config");
+    let start = original.find("[[targets]]").expect("a target");
+    let reports_target = original[start..]
+        .replace("name = \"main\"", "name = \"reports\"")
+        .replace("databases = [\"*\"]", "databases = [\"reports\"]");
+    pgwarden
+        .edit_config(|toml| format!("{}{}\n{}", &toml[..start], reports_target, &toml[start..]));
+    pgwarden.send_sighup();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pgwarden.log().contains("configuration reloaded") {
+        assert!(Instant::now() < deadline, "no reload:\n{}", pgwarden.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let on_reports = pgwarden.connect("app", "app-pw", "reports").await;
+    on_reports.simple_query("select 1").await.expect("query");
+    assert_eq!(
+        queries_of(&pgwarden, "reports").await,
+        1.0,
+        "served by the new target"
+    );
+    on_main
+        .simple_query("select 1")
+        .await
+        .expect("the client on main was not dropped by the reload");
+
+    // Remove it again: its client keeps its session; newcomers go to main.
+    std::fs::write(pgwarden.config_path(), &original).expect("restore config");
+    pgwarden.send_sighup();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pgwarden.log().matches("configuration reloaded").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no second reload:\n{}",
+            pgwarden.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    on_reports
+        .simple_query("select 1")
+        .await
+        .expect("a client of a removed target keeps its session");
+    assert_eq!(queries_of(&pgwarden, "reports").await, 2.0);
+    let main_before = queries_of(&pgwarden, "main").await;
+    let newcomer = pgwarden.connect("app", "app-pw", "reports").await;
+    newcomer.simple_query("select 1").await.expect("query");
+    assert_eq!(
+        queries_of(&pgwarden, "reports").await,
+        2.0,
+        "the removed target takes no one new"
+    );
+    assert_eq!(queries_of(&pgwarden, "main").await, main_before + 1.0);
+    on_main
+        .simple_query("select 1")
+        .await
+        .expect("main still serves");
+}
