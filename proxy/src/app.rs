@@ -255,8 +255,14 @@ impl App {
         let mut targets = Vec::new();
         let mut updates = Vec::new();
         for t in &new.targets {
+            let users_file_changed = |target: &Target| match &t.credentials {
+                crate::config::CredentialsConfig::File { path } => {
+                    target.credentials.file_changed(path)
+                }
+                crate::config::CredentialsConfig::SecretsManager { .. } => false,
+            };
             match old.targets.iter().find(|o| o.name() == t.name) {
-                Some(existing) if existing.can_apply(t) => {
+                Some(existing) if existing.can_apply(t) && !users_file_changed(existing) => {
                     updates.push((existing.clone(), t.clone()));
                     targets.push(existing.clone());
                 }

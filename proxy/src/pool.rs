@@ -207,8 +207,9 @@ impl Target {
         }
     }
 
-    /// Takes a removed target out of service: idle connections close now, borrowed ones
-    /// when their clients return them.
+    /// Takes a removed target out of service: its idle connections close now, and no new
+    /// client finds its pools. Clients still on it keep their pool, which goes away with
+    /// the last of them.
     pub fn retire(&self) {
         self.retired.cancel();
         let pools: Vec<_> = lock(&self.pools).drain().map(|(_, p)| p).collect();
@@ -915,10 +916,6 @@ impl Pool {
         let now = Instant::now();
         if conn.is_expired(now) {
             self.target.count_closed("lifetime");
-            return;
-        }
-        if self.target.retired.is_cancelled() {
-            self.target.count_closed("target_removed");
             return;
         }
         conn.idle_since = now;

@@ -200,3 +200,46 @@ async fn a_reload_adds_and_removes_targets_without_dropping_their_clients() {
         .await
         .expect("main still serves");
 }
+
+#[tokio::test]
+async fn a_reload_reads_a_changed_users_file() {
+    let cluster = PgCluster::start();
+    let pgwarden = Pgwarden::start(&cluster, PgwardenOptions::default()).await;
+    let existing = pgwarden.connect("app", "app-pw", "app").await;
+    cluster.create_user("newcomer", "newcomer-pw");
+    cluster.create_database("newcomer", "newcomer");
+    pgwarden.forbid_in_log("newcomer-pw");
+    assert!(pgwarden
+        .try_connect("newcomer", "newcomer-pw", "newcomer")
+        .await
+        .is_err());
+
+    let users = pgwarden.config_path().with_file_name("users.toml");
+    let mut text = std::fs::read_to_string(&users).expect("read users file");
+    text.push_str("\n[[users]]\nname = \"newcomer\"\npassword = \"newcomer-pw\"\n");
+    std::fs::write(&users, text).expect("write users file");
+    pgwarden.send_sighup();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let newcomer = loop {
+        if let Ok(client) = pgwarden
+            .try_connect("newcomer", "newcomer-pw", "newcomer")
+            .await
+        {
+            break client;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "users file not reloaded:\n{}",
+            pgwarden.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    newcomer
+        .simple_query("select 1")
+        .await
+        .expect("the new user is served");
+    existing
+        .simple_query("select 1")
+        .await
+        .expect("a connected client keeps its session");
+}

@@ -186,6 +186,9 @@ pub struct CredentialStore {
     mock_key: [u8; 32],
     /// Where secret-backed logins are refreshed from.
     source: Option<SecretSource>,
+    /// SHA-256 of the users file a `file` provider was loaded from, to tell whether a
+    /// reload must read it again.
+    file_digest: Option<[u8; 32]>,
 }
 
 /// The `secretsmanager` provider's client and settings.
@@ -218,7 +221,15 @@ pub struct SecretSettings<'a> {
 impl CredentialStore {
     /// Loads a `file` provider.
     pub fn from_file(target: &str, path: &Path) -> Result<Self, StoreError> {
-        Self::from_users(target, &FileCredentials::load(path)?)
+        let digest = file_digest(path);
+        let mut store = Self::from_users(target, &FileCredentials::load(path)?)?;
+        store.file_digest = digest;
+        Ok(store)
+    }
+
+    /// Whether the users file at `path` differs from the one this store was loaded from.
+    pub fn file_changed(&self, path: &Path) -> bool {
+        self.file_digest.is_some() && file_digest(path) != self.file_digest
     }
 
     pub fn from_users(target: &str, file: &FileCredentials) -> Result<Self, StoreError> {
@@ -285,6 +296,7 @@ impl CredentialStore {
             users: HashMap::new(),
             mock_key,
             source: None,
+            file_digest: None,
         }
     }
 
@@ -356,6 +368,13 @@ impl CredentialStore {
     pub fn stale(&self) -> bool {
         self.users.values().any(|u| u.versions().failures > 0)
     }
+}
+
+fn file_digest(path: &Path) -> Option<[u8; 32]> {
+    use sha2::Digest;
+    std::fs::read(path)
+        .ok()
+        .map(|bytes| sha2::Sha256::digest(bytes).into())
 }
 
 #[cfg(test)]
