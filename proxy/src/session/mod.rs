@@ -562,7 +562,7 @@ async fn start_session(
     let mut held = None;
     if mode == PoolMode::Session || pool.params().is_none() {
         let deadline = Instant::now() + target.config().borrow_timeout;
-        held = Some(pool.borrow(deadline).await.map_err(Failure::from_borrow)?);
+        held = Some(borrow_unless_paused(app, &pool, deadline).await?);
     }
     // Startup parameters equal to what every backend logs in with need no replay.
     let login_params = pool.params().unwrap_or_default();
@@ -589,7 +589,7 @@ async fn start_session(
                     Some(conn) => conn,
                     None => {
                         let deadline = Instant::now() + target.config().borrow_timeout;
-                        pool.borrow(deadline).await.map_err(Failure::from_borrow)?
+                        borrow_unless_paused(app, &pool, deadline).await?
                     }
                 };
                 match apply_settings(&mut conn, &settings.replay_sql()).await {
@@ -660,6 +660,21 @@ async fn start_session(
         },
         held,
     ))
+}
+
+/// Borrows a backend once pgwarden is not paused (console PAUSE), both before `deadline`.
+pub async fn borrow_unless_paused(
+    app: &App,
+    pool: &Arc<Pool>,
+    deadline: Instant,
+) -> Result<BackendConn, Failure> {
+    if !app.wait_resumed(deadline).await {
+        return Err(Failure::Report(ErrorReport::fatal(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            "pgwarden is paused (PAUSE on the admin console) and was not resumed within borrow_timeout",
+        )));
+    }
+    pool.borrow(deadline).await.map_err(Failure::from_borrow)
 }
 
 /// Runs `sql` on a backend outside any client's view; returns the ParameterStatus values it

@@ -205,17 +205,7 @@ async fn borrow_watching_client(
     s: &Session,
 ) -> Option<Result<BackendConn, Failure>> {
     let deadline = Instant::now() + s.target.config().borrow_timeout;
-    let borrow = async {
-        if !s.app.wait_resumed(deadline).await {
-            return Err(Failure::Report(
-                ErrorReport::fatal(
-                    sqlstate::TOO_MANY_CONNECTIONS,
-                    "pgwarden is paused (PAUSE on the admin console) and was not resumed within borrow_timeout",
-                ),
-            ));
-        }
-        s.pool.borrow(deadline).await.map_err(Failure::from_borrow)
-    };
+    let borrow = super::borrow_unless_paused(&s.app, &s.pool, deadline);
     tokio::pin!(borrow);
     loop {
         tokio::select! {
