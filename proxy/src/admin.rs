@@ -115,3 +115,36 @@ fn readiness(app: &App) -> (bool, String) {
     }
     (ready, body)
 }
+
+/// Time limit of one health check, connection included.
+const HEALTHCHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// `GET path` on the admin endpoint at `address`; Ok on 200, else an error with the status
+/// line and body (what `pgwarden healthcheck` prints).
+pub async fn healthcheck(address: std::net::SocketAddr, path: &str) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        // Bounded: the admin endpoint's answers are a few lines.
+        (&mut stream)
+            .take(64 * 1024)
+            .read_to_end(&mut response)
+            .await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&response).into_owned())
+    };
+    let response = tokio::time::timeout(HEALTHCHECK_TIMEOUT, exchange)
+        .await
+        .map_err(|_| anyhow::anyhow!("{address}{path}: no answer within {HEALTHCHECK_TIMEOUT:?}"))?
+        .map_err(|e| anyhow::anyhow!("{address}{path}: {e}"))?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.lines().next().unwrap_or_default();
+    if status.split_whitespace().nth(1) == Some("200") {
+        print!("{body}");
+        Ok(())
+    } else {
+        anyhow::bail!("{address}{path}: {status}: {}", body.trim())
+    }
+}

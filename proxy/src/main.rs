@@ -43,6 +43,16 @@ enum Command {
     /// Print an IAM token for the current AWS credentials (the SDK's default chain), to use
     /// as the password of a client of a target with client_auth = "iam".
     Token(pgwarden::token_cli::TokenArgs),
+    /// Ask a running pgwarden's admin endpoint whether it is ready (for a container
+    /// HEALTHCHECK: the image has no shell or HTTP client). Exits 0 on HTTP 200, 1 otherwise.
+    Healthcheck {
+        /// The admin endpoint's address.
+        #[arg(long, default_value = "127.0.0.1:9930")]
+        address: SocketAddr,
+        /// The path to ask: `/readyz` (ready to serve) or `/healthz` (alive).
+        #[arg(long, default_value = "/readyz")]
+        path: String,
+    },
     /// Start a throwaway local Postgres and pgwarden in front of it; print a connection
     /// string (first line), the metrics URL (second) and a throwaway IAM key (third);
     /// clean up on Ctrl-C.
@@ -91,6 +101,9 @@ fn main() -> ExitCode {
             Command::Token(args) => pgwarden::token_cli::token(&args)
                 .await
                 .map(|token| println!("{token}")),
+            Command::Healthcheck { address, path } => {
+                pgwarden::admin::healthcheck(address, &path).await
+            }
             Command::Demo {
                 listen,
                 admin_listen,

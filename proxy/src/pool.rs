@@ -573,13 +573,23 @@ impl Pool {
             st.open -= 1;
             return;
         }
+        self.offer_slot(&mut st);
+    }
+
+    /// Gives a slot already counted in `open` to the first waiter; without one, uncounts
+    /// it. Returns whether a waiter took it.
+    fn offer_slot(self: &Arc<Self>, st: &mut PoolState) -> bool {
         let slot = Slot {
             pool: self.clone(),
             armed: true,
         };
-        if let Some(Grant::Slot(mut unused)) = hand_off(&mut st, Grant::Slot(slot)) {
-            unused.armed = false;
-            st.open -= 1;
+        match hand_off(st, Grant::Slot(slot)) {
+            Some(Grant::Slot(mut unused)) => {
+                unused.armed = false;
+                st.open -= 1;
+                false
+            }
+            _ => true,
         }
     }
 
@@ -590,13 +600,8 @@ impl Pool {
         let mut st = lock(&self.state);
         while st.open < size && !st.waiters.is_empty() {
             st.open += 1;
-            let slot = Slot {
-                pool: self.clone(),
-                armed: true,
-            };
-            if let Some(Grant::Slot(mut unused)) = hand_off(&mut st, Grant::Slot(slot)) {
-                unused.armed = false;
-                st.open -= 1;
+            if !self.offer_slot(&mut st) {
+                break;
             }
         }
     }

@@ -239,3 +239,29 @@ async fn demo_serves_the_connection_string_it_prints_and_cleans_up_on_sigterm() 
         "the password is not logged"
     );
 }
+
+#[tokio::test]
+async fn healthcheck_exits_0_while_ready_and_1_otherwise() {
+    let cluster = pgwarden_tests::PgCluster::start();
+    let pgwarden =
+        pgwarden_tests::Pgwarden::start(&cluster, pgwarden_tests::PgwardenOptions::default()).await;
+    let check = |address: String, path: &str| {
+        Command::new(pgwarden_binary())
+            .args(["healthcheck", "--address", &address, "--path", path])
+            .output()
+            .expect("run pgwarden healthcheck")
+    };
+    let admin = format!("127.0.0.1:{}", pgwarden.admin_port());
+    let ready = check(admin.clone(), "/readyz");
+    assert!(
+        ready.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ready.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&ready.stdout), "ready\n");
+    let missing = check(admin, "/nothing");
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("404"));
+    let nobody = check(format!("127.0.0.1:{}", free_port()), "/readyz");
+    assert_eq!(nobody.status.code(), Some(1), "nothing listens there");
+}

@@ -129,6 +129,17 @@ async fn container_serves_as_non_root_on_a_read_only_root_and_drains_on_podman_s
         "the query ran on the test Postgres"
     );
 
+    // The image's health check command works inside it (no shell, read-only root).
+    let health = podman.ok(&[
+        "exec",
+        &guard.container,
+        "/usr/local/bin/pgwarden",
+        "healthcheck",
+        "--address",
+        &format!("127.0.0.1:{admin_port}"),
+    ]);
+    assert_eq!(health, "ready", "pgwarden healthcheck inside the container");
+
     // The process is pgwarden itself (PID 1 of the container, no init wrapper), as uid and
     // gid 10001 without capabilities, and its root filesystem is mounted read-only.
     let pid = podman.inspect(&guard.container, "{{.State.Pid}}");
