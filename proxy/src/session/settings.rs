@@ -54,11 +54,23 @@ pub enum SettingSql {
 }
 
 /// One client's settings.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     list: Vec<(String, String)>,
     /// Changes made inside the open transaction block, kept only if it commits.
     in_transaction: Vec<Change>,
+    /// `signature_of(list)`, updated when `list` changes: it is compared on every borrow.
+    signature: Signature,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            list: Vec::new(),
+            in_transaction: Vec::new(),
+            signature: signature_of(&[]),
+        }
+    }
 }
 
 fn quote_literal(value: &str) -> String {
@@ -101,7 +113,7 @@ impl Settings {
     }
 
     pub fn signature(&self) -> Signature {
-        signature_of(&self.list)
+        self.signature
     }
 
     pub fn is_empty(&self) -> bool {
@@ -121,6 +133,7 @@ impl Settings {
             Change::Reset { name } => self.list.retain(|(n, _)| *n != name),
             Change::ResetAll => self.list.clear(),
         }
+        self.signature = signature_of(&self.list);
         Ok(())
     }
 
