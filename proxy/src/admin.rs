@@ -44,11 +44,14 @@ pub async fn serve(app: Arc<App>, listener: TcpListener) {
 
 fn route(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match req.uri().path() {
-        "/metrics" => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            app.metrics.render(),
-        ),
+        "/metrics" => {
+            refresh_pool_gauges(app);
+            (
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                app.metrics.render(),
+            )
+        }
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         "/readyz" => {
             let (ready, body) = readiness(app);
@@ -73,6 +76,42 @@ fn route(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             .insert(hyper::header::CONTENT_TYPE, value);
     }
     response
+}
+
+/// Sets the per-pool gauges from the pools as they are now. Only pools that logged in at
+/// least once are shown (a made-up database name never becomes a series), and pools that
+/// are gone drop out, so the series stay as many as the pools in use.
+fn refresh_pool_gauges(app: &App) {
+    let m = &app.metrics;
+    m.pool_backends.reset();
+    m.pool_clients.reset();
+    m.pool_clients_waiting.reset();
+    let clients = app.cancels.snapshot();
+    for target in &app.live().targets {
+        for pool in target.pools() {
+            if pool.params().is_none() {
+                continue;
+            }
+            let stats = pool.stats();
+            let (t, d, u) = (target.name(), pool.key.database.as_str(), pool.key.user.as_str());
+            m.pool_backends
+                .with_label_values(&[t, d, u, "idle"])
+                .set(stats.idle as i64);
+            m.pool_backends
+                .with_label_values(&[t, d, u, "busy"])
+                .set((stats.open - stats.idle) as i64);
+            let connected = clients
+                .iter()
+                .filter(|c| Arc::ptr_eq(&c.info.pool, &pool))
+                .count();
+            m.pool_clients
+                .with_label_values(&[t, d, u])
+                .set(connected as i64);
+            m.pool_clients_waiting
+                .with_label_values(&[t, d, u])
+                .set(stats.waiting as i64);
+        }
+    }
 }
 
 /// Ready unless shutting down or a target has no database login at all. Serving with

@@ -57,6 +57,11 @@ pub struct Metrics {
     /// Time from a client request (Query, Sync, FunctionCall) relayed to the backend until
     /// its last ReadyForQuery, by target.
     pub query_response_seconds: HistogramVec,
+    /// Per pool, set at each scrape: backend connections by state (`idle`, `busy`).
+    pub pool_backends: IntGaugeVec,
+    /// Per pool, set at each scrape: connected clients and those waiting for a backend.
+    pub pool_clients: IntGaugeVec,
+    pub pool_clients_waiting: IntGaugeVec,
     /// Backend logins by target and outcome (`succeeded`, `failed`).
     pub backend_setups: IntCounterVec,
     /// Backend connections closed, by target and reason.
@@ -233,6 +238,21 @@ impl Metrics {
                     &["target"],
                 )
                 .expect("valid metric"),
+            ),
+            pool_backends: gauge_vec(
+                "pgwarden_pool_backend_connections",
+                "Backend connections of a pool by state, at the scrape",
+                &["target", "database", "user", "state"],
+            ),
+            pool_clients: gauge_vec(
+                "pgwarden_pool_clients",
+                "Clients connected to a pool, at the scrape",
+                &["target", "database", "user"],
+            ),
+            pool_clients_waiting: gauge_vec(
+                "pgwarden_pool_clients_waiting",
+                "Clients of a pool waiting for a backend connection, at the scrape",
+                &["target", "database", "user"],
             ),
             backend_setups: counter_vec(
                 "pgwarden_backend_connection_setups_total",

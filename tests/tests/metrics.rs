@@ -138,6 +138,20 @@ async fn metrics_match_the_docs_and_the_load() {
         2.0
     );
     assert_eq!(value(&m, "pgwarden_backend_connections_max"), 50.0);
+    let pool = |name: &str, extra: &str| {
+        value(
+            &m,
+            &format!("{name}{{database=\"app\",{extra}target=\"main\",user=\"app\"}}"),
+        )
+    };
+    assert_eq!(pool("pgwarden_pool_clients", ""), 12.0);
+    assert_eq!(pool("pgwarden_pool_clients_waiting", ""), 0.0);
+    assert_eq!(pool("pgwarden_pool_backend_connections", "state=\"busy\","), 6.0);
+    assert_eq!(
+        pool("pgwarden_pool_backend_connections", "state=\"idle\",")
+            + pool("pgwarden_pool_backend_connections", "state=\"busy\","),
+        on_server
+    );
     assert_eq!(value(&m, "pgwarden_target_available"), 1.0);
     assert!(value(&m, "pgwarden_query_requests_total") >= transactions);
     assert!(value(&m, "pgwarden_query_response_duration_seconds_count") >= transactions);
