@@ -93,7 +93,11 @@ fn refresh_pool_gauges(app: &App) {
                 continue;
             }
             let stats = pool.stats();
-            let (t, d, u) = (target.name(), pool.key.database.as_str(), pool.key.user.as_str());
+            let (t, d, u) = (
+                target.name(),
+                pool.key.database.as_str(),
+                pool.key.user.as_str(),
+            );
             m.pool_backends
                 .with_label_values(&[t, d, u, "idle"])
                 .set(stats.idle as i64);

@@ -146,7 +146,10 @@ async fn metrics_match_the_docs_and_the_load() {
     };
     assert_eq!(pool("pgwarden_pool_clients", ""), 12.0);
     assert_eq!(pool("pgwarden_pool_clients_waiting", ""), 0.0);
-    assert_eq!(pool("pgwarden_pool_backend_connections", "state=\"busy\","), 6.0);
+    assert_eq!(
+        pool("pgwarden_pool_backend_connections", "state=\"busy\","),
+        6.0
+    );
     assert_eq!(
         pool("pgwarden_pool_backend_connections", "state=\"idle\",")
             + pool("pgwarden_pool_backend_connections", "state=\"busy\","),
