@@ -599,6 +599,16 @@ impl Config {
                 problems.push(format!("quotas[{n}]: burst needs connections_per_second"));
             }
         }
+        for peer in &self.cluster.peers {
+            let port_ok = peer.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !port_ok {
+                problems.push(format!(
+                    "cluster.peers: {peer:?} is not host:port (a name that resolves to every peer, or an address)"
+                ));
+            }
+        }
         if let Some(iam) = &self.iam {
             match iam.verifier {
                 IamVerifier::RdsToken => {
@@ -688,6 +698,18 @@ mod tests {
             panic!("invalid expected")
         };
         assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+
+    #[test]
+    fn peers_must_be_host_and_port() {
+        let text = format!(
+            "{MINIMAL}\n[cluster]\ninstance_id = 3\npeers = [\"pgwarden-peers.ns.svc:6432\", \"10.0.0.7\", \":6432\"]\n"
+        );
+        let Err(ConfigError::Invalid(problems)) = Config::from_toml(&text) else {
+            panic!("invalid expected")
+        };
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems.iter().all(|p| p.contains("cluster.peers")));
     }
 
     #[test]
