@@ -334,6 +334,32 @@ impl Pgwarden {
             .status();
     }
 
+    /// Sends SIGHUP and waits for the reload's outcome in the log: true if the file was
+    /// applied, false if it was refused. Panics with the log after 10 s without either.
+    pub async fn reload(&self) -> bool {
+        const APPLIED: &str = "configuration reloaded";
+        const REFUSED: &str = "configuration reload refused";
+        let count = |log: &str| (log.matches(APPLIED).count(), log.matches(REFUSED).count());
+        let before = count(&self.log());
+        self.send_sighup();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            let now = count(&log);
+            if now.0 > before.0 {
+                return true;
+            }
+            if now.1 > before.1 {
+                return false;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no reload outcome logged:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The configuration file pgwarden was started with (and reloads).
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("pgwarden.toml")

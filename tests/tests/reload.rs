@@ -95,16 +95,7 @@ async fn an_invalid_configuration_on_sighup_changes_nothing() {
     .await;
     // A larger pool, but with min_idle above it: the file does not validate.
     pgwarden.edit_config(|toml| toml.replace("pool_size = 2\n", "pool_size = 8\nmin_idle = 9\n"));
-    pgwarden.send_sighup();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !pgwarden.log().contains("configuration reload refused") {
-        assert!(
-            Instant::now() < deadline,
-            "no refusal logged:\n{}",
-            pgwarden.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(!pgwarden.reload().await, "the file is refused");
     let log = pgwarden.log();
     assert!(
         log.contains("min_idle (9) is above pool_size (8)"),
@@ -151,12 +142,7 @@ async fn a_reload_adds_and_removes_targets_without_dropping_their_clients() {
         .replace("databases = [\"*\"]", "databases = [\"reports\"]");
     pgwarden
         .edit_config(|toml| format!("{}{}\n{}", &toml[..start], reports_target, &toml[start..]));
-    pgwarden.send_sighup();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !pgwarden.log().contains("configuration reloaded") {
-        assert!(Instant::now() < deadline, "no reload:\n{}", pgwarden.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(pgwarden.reload().await, "the new target is applied");
     let on_reports = pgwarden.connect("app", "app-pw", "reports").await;
     on_reports.simple_query("select 1").await.expect("query");
     assert_eq!(
@@ -171,16 +157,7 @@ async fn a_reload_adds_and_removes_targets_without_dropping_their_clients() {
 
     // Remove it again: its client keeps its session; newcomers go to main.
     std::fs::write(pgwarden.config_path(), &original).expect("restore config");
-    pgwarden.send_sighup();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while pgwarden.log().matches("configuration reloaded").count() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "no second reload:\n{}",
-            pgwarden.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(pgwarden.reload().await, "the removal is applied");
     on_reports
         .simple_query("select 1")
         .await
@@ -218,22 +195,10 @@ async fn a_reload_reads_a_changed_users_file() {
     let mut text = std::fs::read_to_string(&users).expect("read users file");
     text.push_str("\n[[users]]\nname = \"newcomer\"\npassword = \"newcomer-pw\"\n");
     std::fs::write(&users, text).expect("write users file");
-    pgwarden.send_sighup();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let newcomer = loop {
-        if let Ok(client) = pgwarden
-            .try_connect("newcomer", "newcomer-pw", "newcomer")
-            .await
-        {
-            break client;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "users file not reloaded:\n{}",
-            pgwarden.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    assert!(pgwarden.reload().await, "the changed users file is applied");
+    let newcomer = pgwarden
+        .connect("newcomer", "newcomer-pw", "newcomer")
+        .await;
     newcomer
         .simple_query("select 1")
         .await
