@@ -86,7 +86,7 @@ fn refresh_pool_gauges(app: &App) {
     m.pool_backends.reset();
     m.pool_clients.reset();
     m.pool_clients_waiting.reset();
-    let clients = app.cancels.snapshot();
+    let clients = app.cancels.clients_by_pool();
     for target in &app.live().targets {
         for pool in target.pools() {
             if pool.params().is_none() {
@@ -105,9 +105,8 @@ fn refresh_pool_gauges(app: &App) {
                 .with_label_values(&[t, d, u, "busy"])
                 .set((stats.open - stats.idle) as i64);
             let connected = clients
-                .iter()
-                .filter(|c| Arc::ptr_eq(&c.info.pool, &pool))
-                .count();
+                .get(&crate::cancel::pool_id(&pool))
+                .map_or(0, |c| c.connected);
             m.pool_clients
                 .with_label_values(&[t, d, u])
                 .set(connected as i64);

@@ -65,6 +65,18 @@ pub struct ClientSnapshot {
     pub attached: Option<Attached>,
 }
 
+/// Clients of one pool, for the console and the per-pool gauges.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PoolClients {
+    pub connected: usize,
+    pub active: usize,
+}
+
+/// Identifies a pool in [`CancelRegistry::clients_by_pool`].
+pub fn pool_id(pool: &Arc<Pool>) -> usize {
+    Arc::as_ptr(pool) as usize
+}
+
 /// All live sessions' cancel keys.
 pub struct CancelRegistry {
     instance_id: u8,
@@ -202,6 +214,20 @@ impl CancelRegistry {
                 attached: *lock(&entry.current),
             })
             .collect()
+    }
+
+    /// Per pool (keyed by [`pool_id`]): its connected clients, and how many of them hold
+    /// a backend now. One pass over the registry.
+    pub fn clients_by_pool(&self) -> HashMap<usize, PoolClients> {
+        let mut counts: HashMap<usize, PoolClients> = HashMap::new();
+        for entry in lock(&self.sessions).values() {
+            let c = counts.entry(pool_id(&entry.info.pool)).or_default();
+            c.connected += 1;
+            if lock(&entry.current).is_some() {
+                c.active += 1;
+            }
+        }
+        counts
     }
 
     pub fn len(&self) -> usize {

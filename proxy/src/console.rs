@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::info;
 
 use crate::app::App;
+use crate::cancel::pool_id;
 use crate::stream::ClientStream;
 
 /// The database name that selects the console.
@@ -75,7 +76,7 @@ pub async fn serve(app: &Arc<App>, stream: &mut ClientStream, mut buf: BytesMut,
         backend::parameter_status(&mut out, name, value);
     }
     backend::ready_for_query(&mut out, backend::IDLE);
-    info!(target: "audit", event = "console", user, "admin console opened");
+    info!(target: "pgwarden::audit", event = "console", user, "admin console opened");
     loop {
         if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
             return;
@@ -101,7 +102,7 @@ pub async fn serve(app: &Arc<App>, stream: &mut ClientStream, mut buf: BytesMut,
                     return;
                 };
                 for command in sql.split(';').map(str::trim).filter(|c| !c.is_empty()) {
-                    info!(target: "audit", event = "console", user, command, "admin command");
+                    info!(target: "pgwarden::audit", event = "console", user, command, "admin command");
                     match execute(app, command).await {
                         Ok(reply) => reply.encode(&mut out),
                         Err(report) => {
@@ -226,21 +227,18 @@ fn time(t: SystemTime) -> String {
 }
 
 fn show_pools(app: &App) -> Reply {
-    let clients = app.cancels.snapshot();
+    let clients = app.cancels.clients_by_pool();
     let mut rows = Vec::new();
     for target in &app.live().targets {
         let mode = format!("{:?}", target.config().pool_mode).to_lowercase();
         for pool in target.pools() {
             let stats = pool.stats();
-            let mine: Vec<_> = clients
-                .iter()
-                .filter(|c| Arc::ptr_eq(&c.info.pool, &pool))
-                .collect();
-            let active = mine.iter().filter(|c| c.attached.is_some()).count();
+            let mine = clients.get(&pool_id(&pool)).copied().unwrap_or_default();
+            let active = mine.active;
             rows.push(vec![
                 pool.key.database.clone(),
                 pool.key.user.clone(),
-                (mine.len() - stats.waiting.min(mine.len())).to_string(),
+                mine.connected.saturating_sub(stats.waiting).to_string(),
                 stats.waiting.to_string(),
                 active.to_string(),
                 stats.idle.to_string(),

@@ -81,8 +81,8 @@ pub struct Target {
     /// limits; paid as permits come back, by [`Target::maintain`].
     capacity_debt: AtomicUsize,
     logins_debt: AtomicUsize,
-    /// Cancelled when a reload removes or replaces this target: its background work stops
-    /// and its connections close as their clients leave.
+    /// Cancelled when a reload removes or replaces this target: its background work
+    /// stops (see [`Target::retire`]).
     pub retired: tokio_util::sync::CancellationToken,
     pub credentials: CredentialStore,
     /// TLS towards the database, when the target's `tls` mode is not `disable`.
@@ -344,14 +344,15 @@ impl Target {
         for pool in self.pools() {
             let mut closing = Vec::new();
             {
+                let config = self.config();
                 let mut st = lock(&pool.state);
-                let min_idle = self.config().min_idle;
+                let min_idle = config.min_idle;
                 let mut i = 0;
                 while i < st.idle.len() {
                     let above_min = st.open - closing.len() > min_idle;
                     let c = &mut st.idle[i];
                     let idle_too_long =
-                        now.duration_since(c.idle_since) >= self.config().idle_timeout && above_min;
+                        now.duration_since(c.idle_since) >= config.idle_timeout && above_min;
                     if c.is_expired(now) || idle_too_long || c.is_broken() {
                         closing.push(st.idle.swap_remove(i));
                     } else {
@@ -755,7 +756,9 @@ impl Pool {
         let logged_in = self.log_in(deadline).await;
         match &logged_in {
             Ok(_) => target.record_login(&self.key, true),
-            Err(BorrowError::Connect(_)) => target.record_login(&self.key, false),
+            Err(BorrowError::Connect(e)) if e.says_target_down() => {
+                target.record_login(&self.key, false)
+            }
             Err(_) => {}
         }
         let logged_in = logged_in?;

@@ -65,3 +65,47 @@ async fn a_backend_login_refused_by_postgres_reaches_the_client_as_postgres_sent
         db.message()
     );
 }
+
+#[tokio::test]
+async fn readiness_follows_backend_logins_but_not_a_clients_unknown_database() {
+    let cluster = PgCluster::start();
+    let pgwarden = Pgwarden::start(&cluster, PgwardenOptions::default()).await;
+    let readiness = || pgwarden_tests::http_status(pgwarden.admin_port(), "/readyz");
+
+    // A database that does not exist is the client's problem: still ready.
+    let Err(err) = pgwarden.try_connect("app", "app-pw", "no_such_db").await else {
+        panic!("the database does not exist");
+    };
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME)
+    );
+    assert_eq!(readiness().await, (200, "ready\n".to_owned()));
+
+    // pgwarden's own login refused: not ready, and the metric says so.
+    cluster.psql("alter role app password 'changed-elsewhere'");
+    assert!(pgwarden.try_connect("app", "app-pw", "app").await.is_err());
+    let (status, body) = readiness().await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("the last backend login failed"), "{body}");
+    assert_eq!(
+        pgwarden_tests::metric_sum(&pgwarden.metrics().await, "pgwarden_target_available"),
+        Some(0.0)
+    );
+
+    // Fixed on the server: maintenance retries the login, ready again without a client.
+    cluster.psql("alter role app password 'app-pw'");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while readiness().await.0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready again:\n{}",
+            pgwarden.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        pgwarden_tests::metric_sum(&pgwarden.metrics().await, "pgwarden_target_available"),
+        Some(1.0)
+    );
+}

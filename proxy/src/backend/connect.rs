@@ -65,6 +65,19 @@ impl ConnectError {
         matches!(self, ConnectError::Server { fields, .. } if fields.code == "28P01")
     }
 
+    /// Says the target cannot take logins at all: unreachable, broken TLS or protocol,
+    /// pgwarden's password refused (28P01), or a server not accepting connections (57P03).
+    /// A refusal about what the client asked for (a database that does not exist, a
+    /// pg_hba rule for one database) does not: one client's typo must not take the
+    /// instance out of service. Nor does a full server (53300): every instance would see
+    /// it, and pulling them all would turn an overload into an outage.
+    pub fn says_target_down(&self) -> bool {
+        match self {
+            ConnectError::Server { fields, .. } => fields.code == "28P01" || fields.code == "57P03",
+            _ => true,
+        }
+    }
+
     /// Worth another attempt (the server may be restarting); a refusal by Postgres is not.
     pub fn is_transient(&self) -> bool {
         matches!(

@@ -411,7 +411,7 @@ async fn establish(
             .with_label_values(&[scope.label()])
             .inc();
         info!(
-            target: "audit",
+            target: "pgwarden::audit",
             event = "authentication",
             outcome = "denied",
             reason = "rate_limited",
@@ -431,7 +431,7 @@ async fn establish(
                 .await
                 .map(|id| {
                     span.record("principal", id.principal.as_str());
-                    info!(target: "audit", event = "authorization", outcome = "allowed", principal = %id.principal, rule = %id.rule, "IAM principal allowed by a rule");
+                    info!(target: "pgwarden::audit", event = "authorization", outcome = "allowed", principal = %id.principal, rule = %id.rule, "IAM principal allowed by a rule");
                     principal = Some(id.principal);
                     "iam"
                 })
@@ -455,7 +455,7 @@ async fn establish(
                 .auth_successes
                 .with_label_values(&[method])
                 .inc();
-            info!(target: "audit", event = "authentication", outcome = "allowed", method, "client authenticated");
+            info!(target: "pgwarden::audit", event = "authentication", outcome = "allowed", method, "client authenticated");
         }
         Err(failure) => {
             if failure.reason != "client_disconnected" {
@@ -465,7 +465,7 @@ async fn establish(
                 .auth_failures
                 .with_label_values(&[failure.reason])
                 .inc();
-            info!(target: "audit", event = "authentication", outcome = "denied", reason = failure.reason, "client authentication failed");
+            info!(target: "pgwarden::audit", event = "authentication", outcome = "denied", reason = failure.reason, "client authentication failed");
             return Err(failure.report.into());
         }
     }
@@ -476,7 +476,7 @@ async fn establish(
                 .auth_failures
                 .with_label_values(&["not_admin"])
                 .inc();
-            info!(target: "audit", event = "authorization", outcome = "denied", reason = "not_admin", "admin console refused");
+            info!(target: "pgwarden::audit", event = "authorization", outcome = "denied", reason = "not_admin", "admin console refused");
             return Err(ErrorReport::fatal(
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                 format!("user \"{user}\" may not use the admin console"),
@@ -484,7 +484,7 @@ async fn establish(
             .with_hint("admins are listed in server.admin_users")
             .into());
         }
-        info!(target: "audit", event = "authorization", outcome = "allowed", scope = "console", "admin console allowed");
+        info!(target: "pgwarden::audit", event = "authorization", outcome = "allowed", scope = "console", "admin console allowed");
         return Ok(Admitted::Console {
             user: user.to_owned(),
         });
@@ -503,6 +503,10 @@ async fn establish(
                 .with_label_values(&[refused.scope.label(), refused.limit.label()])
                 .inc();
             info!(
+                target: "pgwarden::audit",
+                event = "authorization",
+                outcome = "denied",
+                reason = "quota",
                 scope = refused.scope.label(),
                 limit = refused.limit.label(),
                 "client refused by a quota"
