@@ -17,6 +17,7 @@ use crate::cancel::CancelRegistry;
 use crate::config::{Config, IamConfig, IamVerifier};
 use crate::credentials::{CredentialStore, SecretSettings, StoreError};
 use crate::metrics::Metrics;
+use crate::parking::ParkingLot;
 use crate::pool::Target;
 use crate::tls::{self, ServerTls, TlsError};
 use pgwarden_auth::sts_token::Endpoint;
@@ -35,6 +36,8 @@ pub enum AppError {
         access_key_id: String,
         variable: String,
     },
+    #[error("cannot start the thread that watches parked clients: {0}")]
+    Parking(std::io::Error),
 }
 
 /// How tokens are verified.
@@ -141,6 +144,8 @@ pub struct App {
     pub auth_limiter: crate::auth_limit::AuthLimiter,
     /// Connections and connection rates per principal and user.
     pub quotas: Arc<crate::quotas::Quotas>,
+    /// Idle clients waiting without a task.
+    pub parking: ParkingLot,
     /// Permits for `max_client_connections`, held by every client.
     pub client_slots: Arc<Semaphore>,
     client_slots_debt: AtomicUsize,
@@ -199,6 +204,11 @@ impl App {
             None => None,
         };
         let cancels = Arc::new(CancelRegistry::new(config.cluster.instance_id));
+        let parking = ParkingLot::start(
+            metrics.client_connections_parked.clone(),
+            metrics.client_parks.clone(),
+        )
+        .map_err(AppError::Parking)?;
         Ok(Arc::new(Self {
             client_slots: Arc::new(Semaphore::new(config.server.max_client_connections)),
             client_slots_debt: AtomicUsize::new(0),
@@ -213,6 +223,7 @@ impl App {
             auth_limiter,
             quotas: Default::default(),
             tls,
+            parking,
             paused: tokio::sync::watch::Sender::new(false),
             paused_now: std::sync::atomic::AtomicBool::new(false),
             reloading: tokio::sync::Mutex::new(()),

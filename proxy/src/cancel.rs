@@ -41,7 +41,12 @@ pub struct Attached {
     pub since: SystemTime,
 }
 
-type Current = Arc<Mutex<Option<Attached>>>;
+/// A client in the registry, shared by its entry and its session's handle: what the
+/// console shows and the backend it runs on now (one allocation per client).
+pub struct Registered {
+    info: ClientInfo,
+    current: Mutex<Option<Attached>>,
+}
 
 /// A connected client, as the admin console shows it.
 pub struct ClientInfo {
@@ -54,15 +59,20 @@ pub struct ClientInfo {
 
 struct Entry {
     secret: i32,
-    info: Arc<ClientInfo>,
-    current: Current,
+    client: Arc<Registered>,
 }
 
 /// A client and what it runs on now (a snapshot for the console).
 pub struct ClientSnapshot {
     pub key: CancelKey,
-    pub info: Arc<ClientInfo>,
+    client: Arc<Registered>,
     pub attached: Option<Attached>,
+}
+
+impl ClientSnapshot {
+    pub fn info(&self) -> &ClientInfo {
+        &self.client.info
+    }
 }
 
 /// Clients of one pool, for the console and the per-pool gauges.
@@ -121,7 +131,7 @@ impl CancelOutcome {
 pub struct CancelHandle {
     registry: Arc<CancelRegistry>,
     key: CancelKey,
-    current: Current,
+    client: Arc<Registered>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -145,7 +155,10 @@ impl CancelRegistry {
     /// random bits; the secret is 32 random bits, as in Postgres.
     pub fn register(self: &Arc<Self>, info: ClientInfo) -> CancelHandle {
         let mut rng = rand::thread_rng();
-        let current = Current::default();
+        let client = Arc::new(Registered {
+            info,
+            current: Mutex::new(None),
+        });
         let mut sessions = lock(&self.sessions);
         // 255 << 23 still leaves the pid positive, as drivers expect.
         let high = i32::from(self.instance_id) << INSTANCE_SHIFT;
@@ -162,14 +175,13 @@ impl CancelRegistry {
             key.pid,
             Entry {
                 secret: key.secret,
-                info: Arc::new(info),
-                current: current.clone(),
+                client: client.clone(),
             },
         );
         CancelHandle {
             registry: self.clone(),
             key,
-            current,
+            client,
         }
     }
 
@@ -188,7 +200,7 @@ impl CancelRegistry {
             if !bool::from(entry.secret.to_be_bytes().ct_eq(&key.secret.to_be_bytes())) {
                 return CancelOutcome::Unknown;
             }
-            let current = *lock(&entry.current);
+            let current = *lock(&entry.client.current);
             current
         };
         let Some(attached) = target else {
@@ -210,8 +222,8 @@ impl CancelRegistry {
                     pid: *pid,
                     secret: 0,
                 },
-                info: entry.info.clone(),
-                attached: *lock(&entry.current),
+                client: entry.client.clone(),
+                attached: *lock(&entry.client.current),
             })
             .collect()
     }
@@ -221,9 +233,9 @@ impl CancelRegistry {
     pub fn clients_by_pool(&self) -> HashMap<usize, PoolClients> {
         let mut counts: HashMap<usize, PoolClients> = HashMap::new();
         for entry in lock(&self.sessions).values() {
-            let c = counts.entry(pool_id(&entry.info.pool)).or_default();
+            let c = counts.entry(pool_id(&entry.client.info.pool)).or_default();
             c.connected += 1;
-            if lock(&entry.current).is_some() {
+            if lock(&entry.client.current).is_some() {
                 c.active += 1;
             }
         }
@@ -298,7 +310,7 @@ impl CancelHandle {
 
     /// The session now runs on the backend at `addr` with `backend_key`.
     pub fn attach(&self, addr: SocketAddr, backend_key: CancelKey) {
-        *lock(&self.current) = Some(Attached {
+        *lock(&self.client.current) = Some(Attached {
             addr,
             key: backend_key,
             since: SystemTime::now(),
@@ -307,7 +319,7 @@ impl CancelHandle {
 
     /// The session released its backend.
     pub fn detach(&self) {
-        *lock(&self.current) = None;
+        *lock(&self.client.current) = None;
     }
 }
 

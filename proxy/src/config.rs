@@ -156,6 +156,14 @@ pub struct ServerConfig {
     /// Time a new client has to finish the startup and authentication phase. Default `10s`.
     #[serde(default = "defaults::startup_timeout", with = "humantime_serde")]
     pub startup_timeout: Duration,
+    /// A client idle this long between transactions is parked: it leaves its task and
+    /// tokio's reactor until it sends again, keeping only its session state (about half a
+    /// KiB). `0s` never parks. Default `1s`.
+    #[serde(
+        default = "defaults::park_idle_clients_after",
+        with = "humantime_serde"
+    )]
+    pub park_idle_clients_after: Duration,
     /// Time to wait for in-flight transactions on shutdown before closing. Default `30s`.
     #[serde(default = "defaults::shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
@@ -348,6 +356,9 @@ mod defaults {
     }
     pub fn startup_timeout() -> Duration {
         Duration::from_secs(10)
+    }
+    pub fn park_idle_clients_after() -> Duration {
+        Duration::from_secs(1)
     }
     pub fn secret_refresh_interval() -> Duration {
         Duration::from_secs(60)

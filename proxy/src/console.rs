@@ -272,7 +272,7 @@ fn show_clients(app: &App) -> Reply {
         .snapshot()
         .into_iter()
         .map(|c| {
-            let pool = &c.info.pool;
+            let pool = &c.info().pool;
             vec![
                 "C".to_owned(),
                 pool.key.user.clone(),
@@ -283,15 +283,15 @@ fn show_clients(app: &App) -> Reply {
                     "idle"
                 }
                 .to_owned(),
-                c.info.peer.ip().to_string(),
-                c.info.peer.port().to_string(),
-                time(c.info.connected),
+                c.info().peer.ip().to_string(),
+                c.info().peer.port().to_string(),
+                time(c.info().connected),
                 c.attached.map_or_else(String::new, |a| time(a.since)),
                 c.key.pid.to_string(),
                 c.attached
                     .map_or_else(String::new, |a| a.key.pid.to_string()),
-                if c.info.tls { "yes" } else { "no" }.to_owned(),
-                c.info.principal.clone().unwrap_or_default(),
+                if c.info().tls { "yes" } else { "no" }.to_owned(),
+                c.info().principal.clone().unwrap_or_default(),
                 pool.target().name().to_owned(),
             ]
         })
@@ -320,7 +320,7 @@ fn show_servers(app: &App) -> Reply {
     let mut rows = Vec::new();
     for c in app.cancels.snapshot() {
         if let Some(a) = c.attached {
-            let pool = &c.info.pool;
+            let pool = &c.info().pool;
             rows.push(vec![
                 "S".to_owned(),
                 pool.key.user.clone(),

@@ -16,6 +16,7 @@ pub mod console;
 pub mod credentials;
 pub mod demo;
 pub mod metrics;
+pub mod parking;
 pub mod pinning;
 pub mod pool;
 pub mod quotas;

@@ -18,6 +18,10 @@ pub struct Metrics {
     pub client_connections: IntGauge,
     /// Client connections open now that do not use TLS.
     pub client_connections_no_tls: IntGauge,
+    /// Idle clients parked now (no task, no reactor registration).
+    pub client_connections_parked: IntGauge,
+    /// Times an idle client was parked.
+    pub client_parks: IntCounter,
     /// Client connections accepted since start.
     pub client_connections_received: IntCounter,
     /// Client connection setups by outcome (`succeeded`, `failed`, `refused`).
@@ -132,6 +136,22 @@ impl Metrics {
                 IntGauge::new(
                     "pgwarden_client_connections_no_tls",
                     "Client connections open now without TLS",
+                )
+                .expect("valid metric"),
+            ),
+            client_connections_parked: register(
+                r,
+                IntGauge::new(
+                    "pgwarden_client_connections_parked",
+                    "Idle client connections parked now (server.park_idle_clients_after)",
+                )
+                .expect("valid metric"),
+            ),
+            client_parks: register(
+                r,
+                IntCounter::new(
+                    "pgwarden_client_parks_total",
+                    "Times an idle client connection was parked",
                 )
                 .expect("valid metric"),
             ),

@@ -88,12 +88,12 @@ impl Server {
                 () = app.shutdown.cancelled() => break,
             };
             match app.client_slots.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    let app = app.clone();
-                    sessions.spawn(async move {
-                        session::run(app, stream, peer).await;
-                        drop(permit);
-                    });
+                Ok(slot) => {
+                    let admission = session::Admission {
+                        slot,
+                        tracked: sessions.token(),
+                    };
+                    tokio::spawn(session::run(app.clone(), stream, peer, admission));
                 }
                 Err(_) => {
                     app.metrics
@@ -112,6 +112,8 @@ impl Server {
             }
         }
         sessions.close();
+        // Parked clients wake, find pgwarden shutting down, and are told so.
+        app.parking.close();
         info!(
             sessions = sessions.len(),
             "shutting down: waiting for sessions to finish"

@@ -31,6 +31,8 @@ use pgwarden_protocol::startup::StartupMessage;
 use prometheus::IntCounter;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, info, info_span, Instrument};
 
 use crate::app::{App, Live};
@@ -74,6 +76,13 @@ pub struct Session {
 }
 
 impl Session {
+    /// Frees the per-transaction scratch space before the client parks: it is idle, and a
+    /// parked client should cost only its state.
+    pub fn release_scratch(&mut self) {
+        self.plan.release_memory();
+        self.scan = Vec::new();
+    }
+
     /// Whether the backend goes back to the pool at the end of each transaction.
     pub fn releases_per_transaction(&self) -> bool {
         self.mode == PoolMode::Transaction && self.pinned.is_none()
@@ -123,12 +132,36 @@ impl Drop for Session {
     }
 }
 
-/// Serves one accepted client connection until it closes.
-pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
-    let _open = GaugeGuard::new(app.metrics.client_connections.clone());
-    app.metrics.client_connections_received.inc();
-    // Small messages must not wait for Nagle.
-    let _ = tcp.set_nodelay(true);
+/// What the listener gives every accepted client, kept until it disconnects.
+pub struct Admission {
+    /// Its place under `max_client_connections`.
+    pub slot: OwnedSemaphorePermit,
+    /// Counts it in the drain at shutdown, also while it is parked.
+    pub tracked: TaskTrackerToken,
+}
+
+/// A client after setup: everything it keeps between transactions, whether a task serves
+/// it or it is parked (`parking.rs`).
+pub struct Client {
+    pub stream: ClientStream,
+    pub session: Session,
+    /// The span of the client's log lines, entered again when it wakes from parking.
+    pub span: tracing::Span,
+    pub connected: Instant,
+    _held: Held,
+}
+
+/// Held for as long as the client is connected; released by dropping.
+struct Held {
+    _admission: Admission,
+    _open: GaugeGuard,
+    _no_tls: Option<GaugeGuard>,
+    _quota: Option<QuotaGuard>,
+}
+
+/// Serves one accepted client connection until it closes (or parks: then a new task takes
+/// it up, see [`resume`]).
+pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, admission: Admission) {
     let span = info_span!(
         "client",
         %peer,
@@ -138,128 +171,158 @@ pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
         principal = tracing::field::Empty,
         tls = tracing::field::Empty
     );
-    async move {
-        let live = app.live();
-        let mut buf = BytesMut::with_capacity(512);
-        let deadline = Instant::now() + live.config.server.startup_timeout;
-        let negotiated =
-            Box::pin(handshake(tcp, &mut buf, app.tls.as_ref(), deadline.into())).await;
-        let (mut stream, message) = match negotiated {
-            Ok(Negotiated {
-                handshake: Handshake::Cancel(key),
-                ..
-            }) => {
-                Box::pin(handle_cancel(&app, &live, key, false)).await;
-                return;
-            }
-            Ok(Negotiated {
-                handshake: Handshake::ForwardedCancel(key),
-                ..
-            }) => {
-                Box::pin(handle_cancel(&app, &live, key, true)).await;
-                return;
-            }
-            Ok(Negotiated {
-                stream,
-                handshake: Handshake::Startup(message),
-            }) => (stream, message),
-            Err((
-                Some(mut stream),
-                e @ (HandshakeError::Protocol(_) | HandshakeError::Timeout),
-            )) => {
-                let report = ErrorReport::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string());
-                Box::pin(fail(&app, &mut stream, &report.into())).await;
-                return;
-            }
-            Err(_) => {
-                app.metrics
-                    .client_setups
-                    .with_label_values(&["failed"])
-                    .inc();
-                return;
-            }
-        };
-        tracing::Span::current().record("tls", stream.is_tls());
-        let _no_tls = (!stream.is_tls())
-            .then(|| GaugeGuard::new(app.metrics.client_connections_no_tls.clone()));
-        if live.config.server.require_tls && !stream.is_tls() {
-            let report = ErrorReport::fatal(
-                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-                "pgwarden requires TLS: connect with sslmode=require or stronger",
-            );
-            Box::pin(fail(&app, &mut stream, &report.into())).await;
-            return;
-        }
-        let setup = tokio::time::timeout_at(
-            deadline.into(),
-            Box::pin(establish(
-                &app,
-                &live,
-                &mut stream,
-                &mut buf,
-                &message,
-                peer,
-            )),
-        )
-        .await;
-        let startup_timeout = live.config.server.startup_timeout;
-        drop(live);
-        let mut _quota = None;
-        let setup = match setup {
-            Ok(Ok(Admitted::Console { user })) => {
-                app.metrics
-                    .client_setups
-                    .with_label_values(&["succeeded"])
-                    .inc();
-                Box::pin(crate::console::serve(&app, &mut stream, buf, &user)).await;
-                return;
-            }
-            Ok(Ok(Admitted::Client {
-                pool,
-                quota,
-                principal,
-            })) => {
-                _quota = Some(quota);
-                let info = ClientInfo {
-                    peer,
-                    pool: pool.clone(),
-                    principal,
-                    tls: stream.is_tls(),
-                    connected: std::time::SystemTime::now(),
-                };
-                Box::pin(start_session(&app, &mut stream, pool, &message, info)).await
-            }
-            Ok(Err(failure)) => Err(failure),
-            Err(_) => Err(ErrorReport::fatal(
-                sqlstate::CONNECTION_FAILURE,
-                format!("startup and authentication did not finish within {startup_timeout:?}"),
-            )
-            .into()),
-        };
-        let (mut session, held) = match setup {
-            Ok(ready) => ready,
-            Err(failure) => {
-                Box::pin(fail(&app, &mut stream, &failure)).await;
-                return;
-            }
-        };
-        app.metrics
-            .client_setups
-            .with_label_values(&["succeeded"])
-            .inc();
-        let started = Instant::now();
-        info!("client connected");
-        // Boxed, like every large step above: a task's allocation is the size of its whole
-        // future, and an idle client should not pay for the handshake's state.
-        Box::pin(relay::serve(&mut stream, buf, &mut session, held)).await;
-        info!(
-            duration_ms = started.elapsed().as_millis() as u64,
-            pinned = session.pinned.map(|p| p.as_str()),
-            "client disconnected"
-        );
+    // Boxed, like every large step: a task's allocation is the size of its whole future,
+    // and a client between transactions should not pay for the handshake's state.
+    let setup = Box::pin(setup(app, tcp, peer, admission, span.clone()).instrument(span.clone()));
+    if let Some((client, buf, held)) = setup.await {
+        relay::serve(client, buf, held).instrument(span).await;
     }
-    .instrument(span)
-    .await
+}
+
+/// Serves a client woken from parking, in a new task.
+pub async fn resume(mut client: Box<Client>) {
+    if let Err(e) = client.stream.socket_mut().unpark() {
+        debug!(parent: &client.span, error = %e, "could not take up a parked client");
+        return;
+    }
+    let span = client.span.clone();
+    relay::serve(client, BytesMut::new(), None)
+        .instrument(span)
+        .await;
+}
+
+/// Handshake, authentication and the first ReadyForQuery; serves console clients whole.
+/// Returns a client ready for its first query, with its read buffer and (session mode)
+/// its backend.
+async fn setup(
+    app: Arc<App>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    admission: Admission,
+    span: tracing::Span,
+) -> Option<(Box<Client>, BytesMut, Option<Box<BackendConn>>)> {
+    let open = GaugeGuard::new(app.metrics.client_connections.clone());
+    app.metrics.client_connections_received.inc();
+    // Small messages must not wait for Nagle.
+    let _ = tcp.set_nodelay(true);
+    let live = app.live();
+    let mut buf = BytesMut::with_capacity(512);
+    let deadline = Instant::now() + live.config.server.startup_timeout;
+    let negotiated = Box::pin(handshake(tcp, &mut buf, app.tls.as_ref(), deadline.into())).await;
+    let (mut stream, message) = match negotiated {
+        Ok(Negotiated {
+            handshake: Handshake::Cancel(key),
+            ..
+        }) => {
+            Box::pin(handle_cancel(&app, &live, key, false)).await;
+            return None;
+        }
+        Ok(Negotiated {
+            handshake: Handshake::ForwardedCancel(key),
+            ..
+        }) => {
+            Box::pin(handle_cancel(&app, &live, key, true)).await;
+            return None;
+        }
+        Ok(Negotiated {
+            stream,
+            handshake: Handshake::Startup(message),
+        }) => (stream, message),
+        Err((Some(mut stream), e @ (HandshakeError::Protocol(_) | HandshakeError::Timeout))) => {
+            let report = ErrorReport::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string());
+            Box::pin(fail(&app, &mut stream, &report.into())).await;
+            return None;
+        }
+        Err(_) => {
+            app.metrics
+                .client_setups
+                .with_label_values(&["failed"])
+                .inc();
+            return None;
+        }
+    };
+    tracing::Span::current().record("tls", stream.is_tls());
+    let no_tls =
+        (!stream.is_tls()).then(|| GaugeGuard::new(app.metrics.client_connections_no_tls.clone()));
+    if live.config.server.require_tls && !stream.is_tls() {
+        let report = ErrorReport::fatal(
+            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+            "pgwarden requires TLS: connect with sslmode=require or stronger",
+        );
+        Box::pin(fail(&app, &mut stream, &report.into())).await;
+        return None;
+    }
+    let setup = tokio::time::timeout_at(
+        deadline.into(),
+        Box::pin(establish(
+            &app,
+            &live,
+            &mut stream,
+            &mut buf,
+            &message,
+            peer,
+        )),
+    )
+    .await;
+    let startup_timeout = live.config.server.startup_timeout;
+    drop(live);
+    let mut quota = None;
+    let setup = match setup {
+        Ok(Ok(Admitted::Console { user })) => {
+            app.metrics
+                .client_setups
+                .with_label_values(&["succeeded"])
+                .inc();
+            Box::pin(crate::console::serve(&app, &mut stream, buf, &user)).await;
+            return None;
+        }
+        Ok(Ok(Admitted::Client {
+            pool,
+            quota: admitted,
+            principal,
+        })) => {
+            quota = Some(admitted);
+            let info = ClientInfo {
+                peer,
+                pool: pool.clone(),
+                principal,
+                tls: stream.is_tls(),
+                connected: std::time::SystemTime::now(),
+            };
+            Box::pin(start_session(&app, &mut stream, pool, &message, info)).await
+        }
+        Ok(Err(failure)) => Err(failure),
+        Err(_) => Err(ErrorReport::fatal(
+            sqlstate::CONNECTION_FAILURE,
+            format!("startup and authentication did not finish within {startup_timeout:?}"),
+        )
+        .into()),
+    };
+    let (session, held) = match setup {
+        Ok(ready) => ready,
+        Err(failure) => {
+            Box::pin(fail(&app, &mut stream, &failure)).await;
+            return None;
+        }
+    };
+    app.metrics
+        .client_setups
+        .with_label_values(&["succeeded"])
+        .inc();
+    info!("client connected");
+    let client = Box::new(Client {
+        stream,
+        session,
+        span,
+        connected: Instant::now(),
+        _held: Held {
+            _admission: admission,
+            _open: open,
+            _no_tls: no_tls,
+            _quota: quota,
+        },
+    });
+    Some((client, buf, held.map(Box::new)))
 }
 
 /// An error that ends a client's connection: one of ours, or Postgres's own, relayed as is.

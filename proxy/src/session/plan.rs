@@ -156,6 +156,12 @@ impl Plan {
         self.queue.clear();
     }
 
+    /// Gives back the queue's memory (an empty plan holds none).
+    pub fn release_memory(&mut self) {
+        debug_assert!(self.queue.is_empty());
+        self.queue = VecDeque::new();
+    }
+
     /// Writes pgwarden's own answers that are due now: those at the head of the queue,
     /// with nothing owed by the backend before them.
     pub fn flush_synthetic(&mut self, out: &mut BytesMut) {

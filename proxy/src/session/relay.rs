@@ -10,7 +10,7 @@
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::task::Poll;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::stream::ClientStream;
 use bytes::{Buf, BytesMut};
@@ -20,12 +20,12 @@ use pgwarden_protocol::frontend;
 use pgwarden_protocol::{sqlstate, ProtocolError};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::messages::{answer_without_backend, process_backend, process_client, BackendSide};
 pub use super::messages::{Boundary, TxState};
 use super::plan::Expect;
-use super::{cleanup, Failure, Session};
+use super::{cleanup, Client, Failure, Session};
 use crate::backend::BackendConn;
 
 /// When a buffer has less spare room than `MIN_SPARE`, it grows by this much.
@@ -57,116 +57,195 @@ enum End {
     BackendGone,
 }
 
-/// Serves the client until it leaves. `held` is a backend the session already has (session
-/// mode); otherwise one is borrowed at the first message of each transaction.
-pub async fn serve(
-    stream: &mut ClientStream,
-    mut cbuf: BytesMut,
-    s: &mut Session,
-    mut held: Option<BackendConn>,
-) {
+/// Serves the client until it leaves or parks. `held` is a backend the session already has
+/// (session mode); otherwise one is borrowed at the first message of each transaction.
+///
+/// This future is what a client between transactions costs, so it stays small: the
+/// transaction's state is boxed and freed when the transaction ends.
+pub async fn serve(mut client: Box<Client>, mut cbuf: BytesMut, held: Option<Box<BackendConn>>) {
+    if held.is_some() && Box::pin(transaction(&mut client, &mut cbuf, held)).await == Next::Stop {
+        return disconnected(&client);
+    }
+    let mut may_park = true;
     loop {
-        let mut backend = match held.take() {
-            Some(backend) => backend,
-            None => {
-                if !wait_for_client(stream, &mut cbuf, s).await {
-                    return;
-                }
-                if starts_with_terminate(&cbuf) {
-                    return;
-                }
-                if let Some(answer) = answer_without_backend(s, &mut cbuf) {
-                    if send(stream, &answer).await.is_err() {
-                        return;
+        match wait_for_client(&mut client, &mut cbuf, may_park).await {
+            Wait::Ready => {}
+            Wait::Closed => break,
+            Wait::Park => {
+                client.session.release_scratch();
+                let app = client.session.app.clone();
+                match app.parking.park(client) {
+                    Ok(()) => return,
+                    Err(back) => {
+                        // Shutting down, or the socket would not move: wait here instead.
+                        client = back;
+                        may_park = false;
+                        continue;
                     }
-                    continue;
-                }
-                match Box::pin(borrow_watching_client(stream, &mut cbuf, s)).await {
-                    Some(Ok(backend)) => backend,
-                    Some(Err(failure)) => {
-                        let mut out = BytesMut::new();
-                        failure.encode(&mut out);
-                        let _ = send(stream, &out).await;
-                        return;
-                    }
-                    None => return,
                 }
             }
-        };
-        s.cancel.attach(backend.addr, backend.key);
-        let mut tx = TxState::default();
-        let end = Box::pin(relay(stream, &mut cbuf, &mut backend, s, &mut tx)).await;
-        s.cancel.detach();
-        if tx.status != backend::IDLE {
-            // Counted in by the ReadyForQuery that opened the block; the round ends inside
-            // it (the client left or the backend was lost), so the cleanup ends it.
-            s.in_transaction.dec();
         }
-        if !matches!(end, End::Idle) {
-            debug!(end = ?end, tx = ?tx, "relay round ended");
+        if Box::pin(transaction(&mut client, &mut cbuf, None)).await == Next::Stop {
+            break;
         }
-        match end {
-            End::Idle => s.pool.checkin(backend),
-            End::Shutdown => {
+    }
+    disconnected(&client);
+}
+
+fn disconnected(client: &Client) {
+    info!(
+        duration_ms = client.connected.elapsed().as_millis() as u64,
+        pinned = client.session.pinned.map(|p| p.as_str()),
+        "client disconnected"
+    );
+}
+
+/// Whether the client goes on after a transaction.
+#[derive(PartialEq, Eq)]
+enum Next {
+    Continue,
+    Stop,
+}
+
+/// One transaction (or, in session mode and when pinned, the rest of the session): borrows
+/// a backend unless `held` is one, relays until the backend can be released, releases it.
+async fn transaction(
+    client: &mut Client,
+    cbuf: &mut BytesMut,
+    held: Option<Box<BackendConn>>,
+) -> Next {
+    let Client {
+        stream, session: s, ..
+    } = client;
+    let mut backend = match held {
+        Some(backend) => *backend,
+        None => {
+            if starts_with_terminate(cbuf) {
+                return Next::Stop;
+            }
+            if let Some(answer) = answer_without_backend(s, cbuf) {
+                return match send(stream, &answer).await {
+                    Ok(()) => Next::Continue,
+                    Err(_) => Next::Stop,
+                };
+            }
+            match borrow_watching_client(stream, cbuf, s).await {
+                Some(Ok(backend)) => backend,
+                Some(Err(failure)) => {
+                    let mut out = BytesMut::new();
+                    failure.encode(&mut out);
+                    let _ = send(stream, &out).await;
+                    return Next::Stop;
+                }
+                None => return Next::Stop,
+            }
+        }
+    };
+    s.cancel.attach(backend.addr, backend.key);
+    let mut tx = TxState::default();
+    let end = relay(stream, cbuf, &mut backend, s, &mut tx).await;
+    s.cancel.detach();
+    if tx.status != backend::IDLE {
+        // Counted in by the ReadyForQuery that opened the block; the round ends inside
+        // it (the client left or the backend was lost), so the cleanup ends it.
+        s.in_transaction.dec();
+    }
+    if !matches!(end, End::Idle) {
+        debug!(end = ?end, tx = ?tx, "relay round ended");
+    }
+    match end {
+        End::Idle => {
+            s.pool.checkin(backend);
+            Next::Continue
+        }
+        End::Shutdown => {
+            let mut out = BytesMut::new();
+            ErrorReport::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection because pgwarden is shutting down",
+            )
+            .encode(&mut out);
+            let _ = send(stream, &out).await;
+            cleanup::release_after_client(s, backend, tx).await;
+            Next::Stop
+        }
+        End::ClientTerminated | End::ClientGone => {
+            cleanup::release_after_client(s, backend, tx).await;
+            Next::Stop
+        }
+        End::ClientProtocol(e) => {
+            let mut out = BytesMut::new();
+            ErrorReport::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()).encode(&mut out);
+            let _ = send(stream, &out).await;
+            cleanup::release_after_client(s, backend, tx).await;
+            Next::Stop
+        }
+        End::BackendGone => {
+            s.plan.clear();
+            s.pool.discard(backend, "lost");
+            // Requests that never got an answer are answered with errors below; bytes
+            // not yet processed go to the next backend. Postgres ignores stray COPY data,
+            // so a COPY the client was feeding fails cleanly.
+            if report_lost_backend(stream, &tx).await.is_err() {
+                return Next::Stop;
+            }
+            if !s.client_walker.at_boundary() {
+                // A large message was half relayed: the stream cannot be resumed.
                 let mut out = BytesMut::new();
                 ErrorReport::fatal(
-                    sqlstate::ADMIN_SHUTDOWN,
-                    "terminating connection because pgwarden is shutting down",
+                    sqlstate::CONNECTION_FAILURE,
+                    "the database connection was lost in the middle of a message",
                 )
                 .encode(&mut out);
                 let _ = send(stream, &out).await;
-                Box::pin(cleanup::release_after_client(s, backend, tx)).await;
-                return;
+                return Next::Stop;
             }
-            End::ClientTerminated | End::ClientGone => {
-                Box::pin(cleanup::release_after_client(s, backend, tx)).await;
-                return;
-            }
-            End::ClientProtocol(e) => {
-                let mut out = BytesMut::new();
-                ErrorReport::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()).encode(&mut out);
-                let _ = send(stream, &out).await;
-                Box::pin(cleanup::release_after_client(s, backend, tx)).await;
-                return;
-            }
-            End::BackendGone => {
-                s.plan.clear();
-                s.pool.discard(backend, "lost");
-                // Requests that never got an answer are answered with errors below; bytes
-                // not yet processed go to the next backend. Postgres ignores stray COPY data,
-                // so a COPY the client was feeding fails cleanly.
-                if Box::pin(report_lost_backend(stream, &tx)).await.is_err() {
-                    return;
-                }
-                if !s.client_walker.at_boundary() {
-                    // A large message was half relayed: the stream cannot be resumed.
-                    let mut out = BytesMut::new();
-                    ErrorReport::fatal(
-                        sqlstate::CONNECTION_FAILURE,
-                        "the database connection was lost in the middle of a message",
-                    )
-                    .encode(&mut out);
-                    let _ = send(stream, &out).await;
-                    return;
-                }
-            }
+            Next::Continue
         }
     }
 }
 
-/// Waits, holding no backend and (when idle) no buffer memory, until the client sends
-/// something. Returns false if the client closed or the proxy is shutting down.
-async fn wait_for_client(stream: &mut ClientStream, cbuf: &mut BytesMut, s: &Session) -> bool {
+/// What waiting for a client between transactions came to.
+enum Wait {
+    /// Its next message (or part of it) is in the buffer.
+    Ready,
+    /// It closed, or pgwarden is shutting down (and the client was told).
+    Closed,
+    /// It stayed idle for `park_idle_clients_after`; its buffer was released.
+    Park,
+}
+
+/// Waits, holding no backend, until the client sends something.
+async fn wait_for_client(client: &mut Client, cbuf: &mut BytesMut, may_park: bool) -> Wait {
     if !cbuf.is_empty() {
-        return true;
+        return Wait::Ready;
+    }
+    let Client {
+        stream, session: s, ..
+    } = client;
+    if stream.is_tls() {
+        // TLS may hold decrypted bytes the last read had no room for: the socket would
+        // not wake us for them.
+        cbuf.reserve(FIRST_READ);
+        if let Some(read) = stream.read_now(cbuf) {
+            return if matches!(read, Ok(n) if n > 0) {
+                Wait::Ready
+            } else {
+                Wait::Closed
+            };
+        }
     }
     // An idle client keeps no buffer: a frozen Lambda may sit here for minutes.
     *cbuf = BytesMut::new();
+    let park_after = s.app.live().config.server.park_idle_clients_after;
+    let park = may_park && !park_after.is_zero();
+    let park_timer = tokio::time::sleep(if park { park_after } else { Duration::MAX / 4 });
+    tokio::pin!(park_timer);
     loop {
         tokio::select! {
             ready = stream.readable() => {
                 if ready.is_err() {
-                    return false;
+                    return Wait::Closed;
                 }
             }
             () = s.app.shutdown.cancelled() => {
@@ -174,13 +253,14 @@ async fn wait_for_client(stream: &mut ClientStream, cbuf: &mut BytesMut, s: &Ses
                 ErrorReport::fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection because pgwarden is shutting down")
                     .encode(&mut out);
                 let _ = send(stream, &out).await;
-                return false;
+                return Wait::Closed;
             }
+            () = &mut park_timer, if park => return Wait::Park,
         }
         cbuf.reserve(FIRST_READ);
         match stream.read_now(cbuf) {
-            Some(Ok(0) | Err(_)) => return false,
-            Some(Ok(_)) => return true,
+            Some(Ok(0) | Err(_)) => return Wait::Closed,
+            Some(Ok(_)) => return Wait::Ready,
             // Readable but no whole TLS record yet.
             None => continue,
         }

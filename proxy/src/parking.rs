@@ -1,0 +1,166 @@
+//! Parked clients. A client idle between transactions for `server.park_idle_clients_after`
+//! leaves its task and tokio's reactor and waits here, a plain descriptor in an epoll set of
+//! its own watched by one thread. A frozen Lambda's connection then costs its session state
+//! and nothing else: no task, no future, no buffer, no reactor slot. The first byte it
+//! sends (or its close) wakes it, and a new task takes it up where it stopped.
+//!
+//! Parking costs two epoll_ctl calls and waking a task, so only clients idle for a while
+//! are parked; a busy client never is.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use prometheus::{IntCounter, IntGauge};
+use tracing::{debug, error};
+
+use crate::session::Client;
+
+/// The token of the waker that tells the thread to release every client.
+const WAKER: Token = Token(usize::MAX);
+
+/// Where idle clients wait without a task.
+pub struct ParkingLot {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    registry: mio::Registry,
+    waker: Waker,
+    state: Mutex<State>,
+    /// Where woken clients get their new task.
+    runtime: tokio::runtime::Handle,
+    parked: IntGauge,
+    parks: IntCounter,
+}
+
+#[derive(Default)]
+struct State {
+    clients: HashMap<usize, Box<Client>>,
+    next_token: usize,
+    /// Set at shutdown: every parked client is released and none is taken any more.
+    closed: bool,
+}
+
+impl ParkingLot {
+    /// Starts the thread that watches parked clients. Must be called inside the runtime
+    /// that is to serve them again.
+    pub fn start(parked: IntGauge, parks: IntCounter) -> io::Result<Self> {
+        let poll = Poll::new()?;
+        let shared = Arc::new(Shared {
+            registry: poll.registry().try_clone()?,
+            waker: Waker::new(poll.registry(), WAKER)?,
+            state: Mutex::default(),
+            runtime: tokio::runtime::Handle::current(),
+            parked,
+            parks,
+        });
+        let watcher = shared.clone();
+        std::thread::Builder::new()
+            .name("pgwarden-parking".into())
+            .spawn(move || watch(poll, &watcher))?;
+        Ok(Self { shared })
+    }
+
+    /// Parks `client`. Gives it back, still served by tokio, when the lot is closed or the
+    /// socket cannot be moved; a client whose socket was lost on the way is dropped (which
+    /// closes it).
+    pub fn park(&self, mut client: Box<Client>) -> Result<(), Box<Client>> {
+        let mut state = self.shared.lock();
+        if state.closed {
+            return Err(client);
+        }
+        let fd = match client.stream.socket_mut().park() {
+            Ok(fd) => fd,
+            Err(e) => {
+                debug!(error = %e, "could not park an idle client");
+                return Err(client);
+            }
+        };
+        let token = state.next_token;
+        // WAKER is usize::MAX: tokens stay below it.
+        state.next_token = (token + 1) % WAKER.0;
+        if let Err(e) =
+            self.shared
+                .registry
+                .register(&mut SourceFd(&fd), Token(token), Interest::READABLE)
+        {
+            debug!(error = %e, "could not park an idle client");
+            return match client.stream.socket_mut().unpark() {
+                Ok(()) => Err(client),
+                Err(_) => Ok(()),
+            };
+        }
+        state.clients.insert(token, client);
+        self.shared.parked.inc();
+        self.shared.parks.inc();
+        Ok(())
+    }
+
+    /// Releases every parked client (they find pgwarden shutting down) and parks no more.
+    pub fn close(&self) {
+        self.shared.lock().closed = true;
+        if let Err(e) = self.shared.waker.wake() {
+            error!(error = %e, "could not wake the parking thread");
+        }
+    }
+
+    /// Clients parked now.
+    pub fn len(&self) -> usize {
+        self.shared.lock().clients.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands a woken client to a new task.
+    fn release(&self, mut client: Box<Client>) {
+        if let Some(fd) = client.stream.socket_mut().parked_fd() {
+            let _ = self.registry.deregister(&mut SourceFd(&fd));
+        }
+        self.parked.dec();
+        self.runtime.spawn(crate::session::resume(client));
+    }
+}
+
+/// The parking thread: waits for parked sockets to become readable (data or close) and
+/// releases their clients; at shutdown releases all and ends.
+fn watch(mut poll: Poll, shared: &Shared) {
+    let mut events = Events::with_capacity(256);
+    loop {
+        if let Err(e) = poll.poll(&mut events, None) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            error!(error = %e, "parking thread failed: releasing every parked client");
+            shared.lock().closed = true;
+        }
+        let (woken, closed) = {
+            let mut state = shared.lock();
+            let mut woken: Vec<Box<Client>> = events
+                .iter()
+                .filter(|event| event.token() != WAKER)
+                .filter_map(|event| state.clients.remove(&event.token().0))
+                .collect();
+            if state.closed {
+                woken.extend(state.clients.drain().map(|(_, client)| client));
+            }
+            (woken, state.closed)
+        };
+        for client in woken {
+            shared.release(client);
+        }
+        if closed {
+            return;
+        }
+    }
+}
