@@ -238,6 +238,12 @@ impl App {
         self.live.load_full()
     }
 
+    /// `server.park_idle_clients_after` in force; read between every two transactions,
+    /// so without taking a reference count on the configuration.
+    pub fn park_idle_clients_after(&self) -> std::time::Duration {
+        self.live.load().config.server.park_idle_clients_after
+    }
+
     /// Reads the configuration file again and applies it (see [`App::reload`]).
     pub async fn reload_file(self: &Arc<Self>) -> Result<Vec<String>, ReloadError> {
         let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;

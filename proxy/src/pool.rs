@@ -409,7 +409,7 @@ pub fn pay_debt(semaphore: &Semaphore, debt: &AtomicUsize) {
 // Lives for one borrow and is moved once: boxing the connection would cost more than it saves.
 #[allow(clippy::large_enum_variant)]
 enum Step {
-    Ready(BackendConn),
+    Ready(Box<BackendConn>),
     Create(Slot),
     Wait(oneshot::Receiver<Grant>),
     /// `max_waiting_clients` clients wait already.
@@ -419,7 +419,7 @@ enum Step {
 /// A connection, or the right to open one, handed to a waiting client.
 #[allow(clippy::large_enum_variant)]
 enum Grant {
-    Conn(BackendConn),
+    Conn(Box<BackendConn>),
     Slot(Slot),
 }
 
@@ -427,7 +427,9 @@ enum Grant {
 struct PoolState {
     /// Idle connections; the most recently returned is at the end and is reused first, so
     /// surplus connections age out through `idle_timeout`.
-    idle: Vec<BackendConn>,
+    // Boxed on purpose: a connection moves by pointer from here into a borrow future.
+    #[allow(clippy::vec_box)]
+    idle: Vec<Box<BackendConn>>,
     open: usize,
     /// Clients waiting for a connection, first come first served. Waiters that left stay
     /// until `hand_off` skips them or a prune removes them.
@@ -625,7 +627,10 @@ impl Pool {
 
     /// Borrows a backend: an idle one, a new one if the pool has room, or the next one
     /// returned, waiting in FIFO order until `deadline`. Dropping the future leaves the queue.
-    pub async fn borrow(self: &Arc<Self>, deadline: Instant) -> Result<BackendConn, BorrowError> {
+    pub async fn borrow(
+        self: &Arc<Self>,
+        deadline: Instant,
+    ) -> Result<Box<BackendConn>, BorrowError> {
         let started = Instant::now();
         let (step, discard) = self.take_or_queue();
         for _ in &discard {
@@ -634,7 +639,7 @@ impl Pool {
         drop(discard);
         let mut conn = match step {
             Step::Ready(conn) => conn,
-            Step::Create(slot) => self.create(slot, started, deadline).await?,
+            Step::Create(slot) => Box::pin(self.create(slot, started, deadline)).await?,
             Step::Wait(rx) => self.wait(rx, started, deadline).await?,
             Step::QueueFull => return Err(self.queue_full_error()),
         };
@@ -645,7 +650,8 @@ impl Pool {
 
     /// Under the lock: an idle connection, a slot to open one, or a place in the queue.
     /// Also returns idle connections found dead or expired, to be closed after unlocking.
-    fn take_or_queue(self: &Arc<Self>) -> (Step, Vec<BackendConn>) {
+    #[allow(clippy::vec_box)]
+    fn take_or_queue(self: &Arc<Self>) -> (Step, Vec<Box<BackendConn>>) {
         let mut discard = Vec::new();
         let mut st = lock(&self.state);
         let now = Instant::now();
@@ -686,7 +692,7 @@ impl Pool {
         mut rx: oneshot::Receiver<Grant>,
         started: Instant,
         deadline: Instant,
-    ) -> Result<BackendConn, BorrowError> {
+    ) -> Result<Box<BackendConn>, BorrowError> {
         let grant = match tokio::time::timeout_at(deadline.into(), &mut rx).await {
             Ok(Ok(grant)) => grant,
             Ok(Err(_)) | Err(_) => {
@@ -701,7 +707,7 @@ impl Pool {
         };
         match grant {
             Grant::Conn(conn) => Ok(conn),
-            Grant::Slot(slot) => self.create(slot, started, deadline).await,
+            Grant::Slot(slot) => Box::pin(self.create(slot, started, deadline)).await,
         }
     }
 
@@ -741,12 +747,14 @@ impl Pool {
 
     /// Opens a connection for `slot`: target capacity, a login permit, then the login,
     /// retried with backoff while the failure looks transient.
+    /// Boxed by its callers: a login's state is large and rare, and inlined it would make
+    /// every borrow's future (moved into a box once per transaction) that large too.
     async fn create(
         self: &Arc<Self>,
         slot: Slot,
         started: Instant,
         deadline: Instant,
-    ) -> Result<BackendConn, BorrowError> {
+    ) -> Result<Box<BackendConn>, BorrowError> {
         let target = &self.target;
         let capacity = self.target_capacity(started, deadline).await?;
         let _login = tokio::time::timeout_at(deadline.into(), target.logins.acquire())
@@ -778,7 +786,8 @@ impl Pool {
         let jitter = lifetime.mul_f64(rand::thread_rng().gen_range(0.0..0.1));
         let mut read_buf = logged_in.leftover;
         read_buf.reserve(8192);
-        Ok(BackendConn::new(
+        // Boxed: pools, grants and borrows move it by pointer.
+        Ok(Box::new(BackendConn::new(
             logged_in.stream,
             logged_in.key,
             logged_in.addr,
@@ -794,7 +803,7 @@ impl Pool {
                 .metrics
                 .backend_connections
                 .with_label_values(&[target.name(), "borrowed"]),
-        ))
+        )))
     }
 
     /// Logs in with the current login; when the database refuses its password (28P01),
@@ -920,7 +929,7 @@ impl Pool {
     }
 
     /// Returns a clean, idle connection: to the longest waiter, else to the idle list.
-    pub fn checkin(self: &Arc<Self>, mut conn: BackendConn) {
+    pub fn checkin(self: &Arc<Self>, mut conn: Box<BackendConn>) {
         let now = Instant::now();
         if conn.is_expired(now) {
             self.target.count_closed("lifetime");
@@ -948,7 +957,7 @@ impl Pool {
     }
 
     /// Closes a connection that must not be reused (broken, or dirty after a failed reset).
-    pub fn discard(&self, conn: BackendConn, reason: &str) {
+    pub fn discard(&self, conn: Box<BackendConn>, reason: &str) {
         self.target.count_closed(reason);
         drop(conn);
     }

@@ -21,7 +21,7 @@ use crate::config::PoolMode;
 /// Longest a reset may take before the backend is closed instead.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub async fn release_after_client(s: &Session, mut backend: BackendConn, tx: TxState) {
+pub async fn release_after_client(s: &Session, mut backend: Box<BackendConn>, tx: TxState) {
     if tx.pending > 0 || tx.copy_in {
         if tx.pending > 0 {
             crate::cancel::forward_with_timeout(backend.addr, backend.key).await;

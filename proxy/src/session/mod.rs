@@ -322,7 +322,7 @@ async fn setup(
             _quota: quota,
         },
     });
-    Some((client, buf, held.map(Box::new)))
+    Some((client, buf, held))
 }
 
 /// An error that ends a client's connection: one of ours, or Postgres's own, relayed as is.
@@ -622,7 +622,7 @@ async fn start_session(
     pool: Arc<Pool>,
     message: &StartupMessage,
     info: ClientInfo,
-) -> Result<(Session, Option<BackendConn>), Failure> {
+) -> Result<(Session, Option<Box<BackendConn>>), Failure> {
     let target = pool.target().clone();
     let mut out = BytesMut::with_capacity(512);
     let mode = target.config().pool_mode;
@@ -734,7 +734,7 @@ pub async fn borrow_unless_paused(
     app: &App,
     pool: &Arc<Pool>,
     deadline: Instant,
-) -> Result<BackendConn, Failure> {
+) -> Result<Box<BackendConn>, Failure> {
     if !app.wait_resumed(deadline).await {
         return Err(Failure::Report(ErrorReport::fatal(
             sqlstate::TOO_MANY_CONNECTIONS,

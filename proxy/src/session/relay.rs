@@ -12,6 +12,8 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use tokio::time::Sleep;
+
 use crate::stream::ClientStream;
 use bytes::{Buf, BytesMut};
 use pgwarden_protocol::backend::{self, ErrorReport};
@@ -67,8 +69,13 @@ pub async fn serve(mut client: Box<Client>, mut cbuf: BytesMut, held: Option<Box
         return disconnected(&client);
     }
     let mut may_park = true;
+    // One timer for every wait: pushing its deadline later is a store, not a trip to the
+    // timer wheel (it fires at the old deadline at most once and re-arms itself).
+    let park_timer = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(park_timer);
     loop {
-        match wait_for_client(&mut client, &mut cbuf, may_park).await {
+        let timer = may_park.then_some(park_timer.as_mut());
+        match wait_for_client(&mut client, &mut cbuf, timer).await {
             Wait::Ready => {}
             Wait::Closed => break,
             Wait::Park => {
@@ -118,7 +125,7 @@ async fn transaction(
         stream, session: s, ..
     } = client;
     let mut backend = match held {
-        Some(backend) => *backend,
+        Some(backend) => backend,
         None => {
             if starts_with_terminate(cbuf) {
                 return Next::Stop;
@@ -166,18 +173,18 @@ async fn transaction(
             )
             .encode(&mut out);
             let _ = send(stream, &out).await;
-            cleanup::release_after_client(s, backend, tx).await;
+            Box::pin(cleanup::release_after_client(s, backend, tx)).await;
             Next::Stop
         }
         End::ClientTerminated | End::ClientGone => {
-            cleanup::release_after_client(s, backend, tx).await;
+            Box::pin(cleanup::release_after_client(s, backend, tx)).await;
             Next::Stop
         }
         End::ClientProtocol(e) => {
             let mut out = BytesMut::new();
             ErrorReport::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()).encode(&mut out);
             let _ = send(stream, &out).await;
-            cleanup::release_after_client(s, backend, tx).await;
+            Box::pin(cleanup::release_after_client(s, backend, tx)).await;
             Next::Stop
         }
         End::BackendGone => {
@@ -215,8 +222,13 @@ enum Wait {
     Park,
 }
 
-/// Waits, holding no backend, until the client sends something.
-async fn wait_for_client(client: &mut Client, cbuf: &mut BytesMut, may_park: bool) -> Wait {
+/// Waits, holding no backend, until the client sends something; parks it after
+/// `park_idle_clients_after` if given a `park_timer`.
+async fn wait_for_client(
+    client: &mut Client,
+    cbuf: &mut BytesMut,
+    park_timer: Option<Pin<&mut Sleep>>,
+) -> Wait {
     if !cbuf.is_empty() {
         return Wait::Ready;
     }
@@ -237,10 +249,13 @@ async fn wait_for_client(client: &mut Client, cbuf: &mut BytesMut, may_park: boo
     }
     // An idle client keeps no buffer: a frozen Lambda may sit here for minutes.
     *cbuf = BytesMut::new();
-    let park_after = s.app.live().config.server.park_idle_clients_after;
-    let park = may_park && !park_after.is_zero();
-    let park_timer = tokio::time::sleep(if park { park_after } else { Duration::MAX / 4 });
-    tokio::pin!(park_timer);
+    let park_after = s.app.park_idle_clients_after();
+    let mut park_timer = park_timer.filter(|_| !park_after.is_zero());
+    if let Some(timer) = park_timer.as_mut() {
+        timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + park_after);
+    }
     loop {
         tokio::select! {
             ready = stream.readable() => {
@@ -255,7 +270,7 @@ async fn wait_for_client(client: &mut Client, cbuf: &mut BytesMut, may_park: boo
                 let _ = send(stream, &out).await;
                 return Wait::Closed;
             }
-            () = &mut park_timer, if park => return Wait::Park,
+            () = park_expired(&mut park_timer) => return Wait::Park,
         }
         cbuf.reserve(FIRST_READ);
         match stream.read_now(cbuf) {
@@ -264,6 +279,14 @@ async fn wait_for_client(client: &mut Client, cbuf: &mut BytesMut, may_park: boo
             // Readable but no whole TLS record yet.
             None => continue,
         }
+    }
+}
+
+/// Completes when the park timer fires; never without one.
+async fn park_expired(timer: &mut Option<Pin<&mut Sleep>>) {
+    match timer {
+        Some(timer) => timer.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -283,7 +306,7 @@ async fn borrow_watching_client(
     stream: &mut ClientStream,
     cbuf: &mut BytesMut,
     s: &Session,
-) -> Option<Result<BackendConn, Failure>> {
+) -> Option<Result<Box<BackendConn>, Failure>> {
     let deadline = Instant::now() + s.target.config().borrow_timeout;
     let borrow = super::borrow_unless_paused(&s.app, &s.pool, deadline);
     tokio::pin!(borrow);
@@ -351,7 +374,9 @@ async fn relay(
     let mut backend_walker = FrameWalker::new();
     let mut terminating = false;
     // Session-mode and pinned clients wait here between transactions, so shutdown must be
-    // noticed here too, not only while waiting without a backend.
+    // noticed here too, not only while waiting without a backend. A client that releases
+    // its backend at the end of the transaction notices it in that wait instead: watching
+    // here as well would register with the shutdown token on every transaction.
     let shutdown = s.app.shutdown.clone();
     let shutdown_signal = shutdown.cancelled();
     tokio::pin!(shutdown_signal);
@@ -411,6 +436,8 @@ async fn relay(
             && side.to_backend.len() < HIGH_WATER
             && cbuf.len() < MAX_WAITING_BUFFER;
         let read_backend = side.to_client.len() < HIGH_WATER && bbuf.len() < MAX_WAITING_BUFFER;
+        // Checked on every poll: a client pinned during the round keeps its backend after it.
+        let watch_shutdown = !s.releases_per_transaction();
         let event = poll_fn(|cx| {
             if !side.to_backend.is_empty() && !tx.backend_fatal {
                 if let Poll::Ready(r) =
@@ -444,7 +471,7 @@ async fn relay(
                     return Poll::Ready(Event::FromBackend(r));
                 }
             }
-            if !shutdown_seen && shutdown_signal.as_mut().poll(cx).is_ready() {
+            if watch_shutdown && !shutdown_seen && shutdown_signal.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Shutdown);
             }
             Poll::Pending
