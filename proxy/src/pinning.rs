@@ -53,8 +53,48 @@ impl PinReason {
     }
 }
 
+/// Words that may make SQL pin, in any case: as a statement's leading word, or as part of a
+/// function or schema name (`advisory_lock`, `set_config`, `pg_temp`).
+const PIN_WORDS: [&str; 8] = [
+    "set",
+    "reset",
+    "prepare",
+    "listen",
+    "load",
+    "temp",
+    "temporary",
+    "hold",
+];
+const PIN_WORD_PARTS: [&str; 3] = ["advisory_lock", "set_config", "pg_temp"];
+
+/// Whether `sql` holds a word the rules below could act on. Most SQL does not (a SELECT, an
+/// INSERT, COMMIT): it is then classified without lower-casing or splitting it, which
+/// every query would otherwise pay for.
+fn may_pin(sql: &str) -> bool {
+    sql.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| !word.is_empty())
+        .any(|word| {
+            PIN_WORDS.iter().any(|w| word.eq_ignore_ascii_case(w))
+                || PIN_WORD_PARTS
+                    .iter()
+                    .any(|part| contains_ignore_ascii_case(word, part))
+        })
+}
+
+/// `haystack.to_ascii_lowercase().contains(needle)` for a lower-case `needle`, without
+/// the copy.
+pub fn contains_ignore_ascii_case(haystack: &str, needle: &str) -> bool {
+    haystack
+        .as_bytes()
+        .windows(needle.len())
+        .any(|window| window.eq_ignore_ascii_case(needle.as_bytes()))
+}
+
 /// Classifies the SQL of a simple Query (which may hold several statements) or of a Parse.
 pub fn classify_sql(sql: &str) -> Option<PinReason> {
+    if !may_pin(sql) {
+        return None;
+    }
     let lower = sql.to_ascii_lowercase();
     // Function calls can appear anywhere in a statement.
     if lower.contains("pg_advisory_lock")
@@ -233,6 +273,35 @@ mod tests {
         for (sql, reason) in cases {
             assert_eq!(classify_sql(sql), Some(reason), "{sql}");
         }
+    }
+
+    #[test]
+    fn sql_without_a_pin_word_is_not_inspected_and_sql_with_one_is() {
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 1",
+            "insert into t values (1, 'x')",
+            "BEGIN",
+            "COMMIT",
+            "update t set_x = 1", // not the word SET
+        ] {
+            assert!(!may_pin(sql), "{sql}");
+            assert_eq!(classify_sql(sql), None, "{sql}");
+        }
+        for sql in [
+            "SeT search_path = x",
+            "select PG_ADVISORY_LOCK(1)",
+            "select pg_try_advisory_lock_shared(1)",
+            "select Set_Config('a', 'b', false)",
+            "create table PG_TEMP.t ()",
+            "select 1 into TEMP t",
+            "declare c cursor WITH HOLD for select 1",
+            "LOAD 'auto_explain'",
+        ] {
+            assert!(may_pin(sql), "{sql}");
+            assert!(classify_sql(sql).is_some(), "{sql}");
+        }
+        assert!(contains_ignore_ascii_case("xDeAlLoCaTe", "deallocate"));
+        assert!(!contains_ignore_ascii_case("deallo", "deallocate"));
     }
 
     #[test]

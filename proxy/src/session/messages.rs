@@ -24,7 +24,7 @@ use super::settings::{self, Change, SettingSql, Signature};
 use super::statements::{BackendStatements, Prepared, Readiness};
 use super::Session;
 use crate::config::PoolMode;
-use crate::pinning::{classify_sql, PinReason};
+use crate::pinning::{classify_sql, contains_ignore_ascii_case, PinReason};
 
 /// What the backend is doing for the client, derived from the messages seen.
 #[derive(Debug, Clone, Copy)]
@@ -442,8 +442,12 @@ fn rewrite_deallocation(s: &mut Session, side: &mut BackendSide<'_>, sql: &str) 
 }
 
 fn is_discard_all(sql: &str) -> bool {
-    let lower = sql.trim().trim_end_matches(';').trim().to_ascii_lowercase();
-    lower.split_whitespace().eq(["discard", "all"])
+    let mut words = sql.trim().trim_end_matches(';').split_whitespace();
+    matches!(
+        (words.next(), words.next(), words.next()),
+        (Some(discard), Some(all), None)
+            if discard.eq_ignore_ascii_case("discard") && all.eq_ignore_ascii_case("all")
+    )
 }
 
 /// A client's SQL that deallocates its protocol-level statements.
@@ -479,8 +483,7 @@ fn deallocation(sql: &str) -> Option<Deallocate> {
 /// `DISCARD PLANS`) makes pgwarden forget what it knew was prepared there; statements are
 /// prepared again on next use.
 fn forget_statements_dropped_by(sql: &str, statements: &mut BackendStatements) {
-    let lower = sql.to_ascii_lowercase();
-    if lower.contains("deallocate") || lower.contains("discard") {
+    if contains_ignore_ascii_case(sql, "deallocate") || contains_ignore_ascii_case(sql, "discard") {
         statements.clear();
     }
 }

@@ -217,9 +217,8 @@ pub fn classify(sql: &str) -> SettingSql {
         return SettingSql::None;
     }
     let mut words = statement.split_whitespace();
-    let first = words.next().map(str::to_ascii_lowercase);
-    match first.as_deref() {
-        Some("reset") => {
+    match words.next() {
+        Some(first) if first.eq_ignore_ascii_case("reset") => {
             let rest: Vec<&str> = words.collect();
             match rest.as_slice() {
                 [all] if all.eq_ignore_ascii_case("all") => SettingSql::Track(Change::ResetAll),
@@ -231,7 +230,9 @@ pub fn classify(sql: &str) -> SettingSql {
                 _ => SettingSql::None,
             }
         }
-        Some("set") => classify_set(statement[3..].trim_start()),
+        Some(first) if first.eq_ignore_ascii_case("set") => {
+            classify_set(statement[3..].trim_start())
+        }
         _ => SettingSql::None,
     }
 }
