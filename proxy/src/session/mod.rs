@@ -7,7 +7,8 @@
 //!    cache is empty, which also surfaces Postgres's own login errors at once), pgwarden's
 //!    BackendKeyData, ReadyForQuery;
 //! 4. serve: the relay loop in [`relay`], borrowing a backend per transaction (or once per
-//!    session in session mode or when pinned);
+//!    session in session mode or when pinned); a client idle between transactions is
+//!    parked ([`crate::parking`]) and taken up again by a new task ([`resume`]);
 //! 5. close: a backend still held is cleaned ([`cleanup`]) or discarded.
 
 mod authenticate;
