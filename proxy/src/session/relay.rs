@@ -139,9 +139,7 @@ async fn transaction(
             match borrow_watching_client(stream, cbuf, s).await {
                 Some(Ok(backend)) => backend,
                 Some(Err(failure)) => {
-                    let mut out = BytesMut::new();
-                    failure.encode(&mut out);
-                    let _ = send(stream, &out).await;
+                    send_failure(stream, &failure).await;
                     return Next::Stop;
                 }
                 None => return Next::Stop,
@@ -166,13 +164,7 @@ async fn transaction(
             Next::Continue
         }
         End::Shutdown => {
-            let mut out = BytesMut::new();
-            ErrorReport::fatal(
-                sqlstate::ADMIN_SHUTDOWN,
-                "terminating connection because pgwarden is shutting down",
-            )
-            .encode(&mut out);
-            let _ = send(stream, &out).await;
+            send_failure(stream, &shutting_down()).await;
             Box::pin(cleanup::release_after_client(s, backend, tx)).await;
             Next::Stop
         }
@@ -181,9 +173,8 @@ async fn transaction(
             Next::Stop
         }
         End::ClientProtocol(e) => {
-            let mut out = BytesMut::new();
-            ErrorReport::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()).encode(&mut out);
-            let _ = send(stream, &out).await;
+            let report = ErrorReport::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string());
+            send_failure(stream, &report.into()).await;
             Box::pin(cleanup::release_after_client(s, backend, tx)).await;
             Next::Stop
         }
@@ -198,13 +189,11 @@ async fn transaction(
             }
             if !s.client_walker.at_boundary() {
                 // A large message was half relayed: the stream cannot be resumed.
-                let mut out = BytesMut::new();
-                ErrorReport::fatal(
+                let report = ErrorReport::fatal(
                     sqlstate::CONNECTION_FAILURE,
                     "the database connection was lost in the middle of a message",
-                )
-                .encode(&mut out);
-                let _ = send(stream, &out).await;
+                );
+                send_failure(stream, &report.into()).await;
                 return Next::Stop;
             }
             Next::Continue
@@ -264,10 +253,7 @@ async fn wait_for_client(
                 }
             }
             () = s.app.shutdown.cancelled() => {
-                let mut out = BytesMut::new();
-                ErrorReport::fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection because pgwarden is shutting down")
-                    .encode(&mut out);
-                let _ = send(stream, &out).await;
+                send_failure(stream, &shutting_down()).await;
                 return Wait::Closed;
             }
             () = park_expired(&mut park_timer) => return Wait::Park,
@@ -288,6 +274,22 @@ async fn park_expired(timer: &mut Option<Pin<&mut Sleep>>) {
         Some(timer) => timer.as_mut().await,
         None => std::future::pending().await,
     }
+}
+
+/// The FATAL error a client between transactions gets when pgwarden shuts down.
+fn shutting_down() -> Failure {
+    ErrorReport::fatal(
+        sqlstate::ADMIN_SHUTDOWN,
+        "terminating connection because pgwarden is shutting down",
+    )
+    .into()
+}
+
+/// Tells the client why its connection ends (it may be gone already: errors are moot).
+async fn send_failure(stream: &mut ClientStream, failure: &Failure) {
+    let mut out = BytesMut::new();
+    failure.encode(&mut out);
+    let _ = send(stream, &out).await;
 }
 
 /// Writes and flushes (TLS keeps written bytes until flushed).
