@@ -64,9 +64,11 @@ impl ParkingLot {
         Ok(Self { shared })
     }
 
-    /// Parks `client`. Gives it back, still served by tokio, when the lot is closed or the
-    /// socket cannot be moved; a client whose socket was lost on the way is dropped (which
-    /// closes it).
+    /// Parks `client`, or gives it back for its task to go on serving: when the lot is
+    /// closed, or when its socket could not leave tokio (if that failure lost the socket,
+    /// the task's next read fails and the client is closed). A socket that left tokio but
+    /// could not be registered here is returned to tokio first; if even that fails, the
+    /// client is dropped, which closes it.
     pub fn park(&self, mut client: Box<Client>) -> Result<(), Box<Client>> {
         let mut state = self.shared.lock();
         if state.closed {
@@ -105,15 +107,6 @@ impl ParkingLot {
         if let Err(e) = self.shared.waker.wake() {
             error!(error = %e, "could not wake the parking thread");
         }
-    }
-
-    /// Clients parked now.
-    pub fn len(&self) -> usize {
-        self.shared.lock().clients.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -132,3 +132,14 @@ pub fn assert_pgbench_clean(run: &Output) -> String {
     );
     stdout
 }
+
+/// Asserts that pgwarden's shutdown closed `client`: its next query fails with 57P01
+/// (pgwarden told it) or finds the connection already closed.
+pub async fn assert_closed_by_shutdown(client: &tokio_postgres::Client) {
+    let err = client
+        .simple_query("select 1")
+        .await
+        .expect_err("the client was closed by the shutdown");
+    let told = err.code() == Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN);
+    assert!(told || err.is_closed(), "{err:?}");
+}

@@ -36,8 +36,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use pgwarden_tests::{free_port, http_status, PgCluster};
-use tokio_postgres::error::SqlState;
+use pgwarden_tests::{assert_closed_by_shutdown, free_port, http_status, PgCluster};
 
 /// uid and gid of the image's user (`USER` in `docker/Containerfile.test`).
 const IMAGE_UID: u32 = 10001;
@@ -236,14 +235,7 @@ async fn container_serves_as_non_root_on_a_read_only_root_and_drains_on_podman_s
         "2",
         "both inserts of the drained transaction committed"
     );
-    let err = idle
-        .simple_query("select 1")
-        .await
-        .expect_err("the idle client was closed");
-    assert!(
-        err.code() == Some(&SqlState::ADMIN_SHUTDOWN) || err.is_closed(),
-        "{err:?}"
-    );
+    assert_closed_by_shutdown(&idle).await;
     assert!(
         tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await

@@ -5,8 +5,9 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use pgwarden_tests::{metric_sum, pg_bindir, PgCluster, Pgwarden, PgwardenOptions};
-use tokio_postgres::error::SqlState;
+use pgwarden_tests::{
+    assert_closed_by_shutdown, metric_sum, pg_bindir, PgCluster, Pgwarden, PgwardenOptions,
+};
 
 /// Parks after 200 ms, so the tests wait little.
 fn parking_options(tls: bool) -> PgwardenOptions {
@@ -131,8 +132,6 @@ async fn shutdown_wakes_parked_clients_and_tells_them() {
         .expect("pgwarden exits without waiting out its drain timeout");
     assert!(status.success(), "exit status {status}");
     for client in &clients {
-        let err = client.simple_query("select 1").await.expect_err("closed");
-        let told = err.code() == Some(&SqlState::ADMIN_SHUTDOWN);
-        assert!(told || err.is_closed(), "{err:?}");
+        assert_closed_by_shutdown(client).await;
     }
 }

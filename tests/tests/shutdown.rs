@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use pgwarden_tests::{PgCluster, Pgwarden, PgwardenOptions};
+use pgwarden_tests::{assert_closed_by_shutdown, PgCluster, Pgwarden, PgwardenOptions};
 use tokio_postgres::error::SqlState;
 
 #[tokio::test]
@@ -46,9 +46,7 @@ async fn sigterm_finishes_the_open_transaction_then_closes_every_client_and_exit
         "both inserts of the drained transaction committed"
     );
     for client in [&pinned, &idle] {
-        let err = client.simple_query("select 1").await.expect_err("closed");
-        let closed_with_57p01 = err.code() == Some(&SqlState::ADMIN_SHUTDOWN);
-        assert!(closed_with_57p01 || err.is_closed(), "{err:?}");
+        assert_closed_by_shutdown(client).await;
     }
 }
 
