@@ -67,27 +67,100 @@ const PIN_WORDS: [&str; 8] = [
 ];
 const PIN_WORD_PARTS: [&str; 3] = ["advisory_lock", "set_config", "pg_temp"];
 
+/// The words of `sql`: its runs of ASCII letters, digits and `_`, as bytes. Quotes and
+/// comments are not skipped, so a word inside them counts too (the scan errs towards looking
+/// closer, never away). Every query is scanned, so this is a plain byte loop.
+pub fn sql_words(sql: &str) -> SqlWords<'_> {
+    SqlWords {
+        bytes: sql.as_bytes(),
+        at: 0,
+    }
+}
+
+pub struct SqlWords<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Iterator for SqlWords<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let bytes = self.bytes;
+        let mut at = self.at;
+        while at < bytes.len() && !is_word_byte(bytes[at]) {
+            at += 1;
+        }
+        let start = at;
+        while at < bytes.len() && is_word_byte(bytes[at]) {
+            at += 1;
+        }
+        self.at = at;
+        (start < at).then(|| &bytes[start..at])
+    }
+}
+
+fn is_word_byte(b: u8) -> bool {
+    WORD_BYTES[b as usize]
+}
+
+/// `is_ascii_alphanumeric() || == b'_'` as a table: one load per byte.
+static WORD_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = (b as u8).is_ascii_alphanumeric() || b as u8 == b'_';
+        b += 1;
+    }
+    table
+};
+
+/// Whether `word` (from [`sql_words`]) is one the rules below could act on.
+pub fn is_pin_word(word: &[u8]) -> bool {
+    PIN_WORDS
+        .iter()
+        .any(|w| w.len() == word.len() && word.eq_ignore_ascii_case(w.as_bytes()))
+        // Every part holds a `_`, which most words do not.
+        || (word.contains(&b'_')
+            && PIN_WORD_PARTS
+                .iter()
+                .any(|part| contains_part(word, part.as_bytes())))
+}
+
+/// Whether `word` holds `part`, in any case. Every part holds a `_`, so only the places
+/// where `word` has one are tried (most words have none).
+fn contains_part(word: &[u8], part: &[u8]) -> bool {
+    let Some(offset) = part.iter().position(|&b| b == b'_') else {
+        return contains_ignore_ascii_case(word, part);
+    };
+    word.iter()
+        .enumerate()
+        .filter(|&(_, &b)| b == b'_')
+        .filter_map(|(at, _)| at.checked_sub(offset))
+        .any(|start| {
+            word.get(start..start + part.len())
+                .is_some_and(|w| w.eq_ignore_ascii_case(part))
+        })
+}
+
 /// Whether `sql` holds a word the rules below could act on. Most SQL does not (a SELECT, an
 /// INSERT, COMMIT): it is then classified without lower-casing or splitting it, which
 /// every query would otherwise pay for.
 fn may_pin(sql: &str) -> bool {
-    sql.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .filter(|word| !word.is_empty())
-        .any(|word| {
-            PIN_WORDS.iter().any(|w| word.eq_ignore_ascii_case(w))
-                || PIN_WORD_PARTS
-                    .iter()
-                    .any(|part| contains_ignore_ascii_case(word, part))
-        })
+    sql_words(sql).any(is_pin_word)
 }
 
 /// `haystack.to_ascii_lowercase().contains(needle)` for a lower-case `needle`, without
 /// the copy.
-pub fn contains_ignore_ascii_case(haystack: &str, needle: &str) -> bool {
-    haystack
-        .as_bytes()
-        .windows(needle.len())
-        .any(|window| window.eq_ignore_ascii_case(needle.as_bytes()))
+pub fn contains_ignore_ascii_case(haystack: &[u8], needle: &[u8]) -> bool {
+    let Some((&first, rest)) = needle.split_first() else {
+        return true;
+    };
+    haystack.len() >= needle.len()
+        && (0..=haystack.len() - needle.len()).any(|at| {
+            haystack[at].to_ascii_lowercase() == first
+                && haystack[at + 1..at + needle.len()].eq_ignore_ascii_case(rest)
+        })
 }
 
 /// Classifies the SQL of a simple Query (which may hold several statements) or of a Parse.
@@ -300,8 +373,14 @@ mod tests {
             assert!(may_pin(sql), "{sql}");
             assert!(classify_sql(sql).is_some(), "{sql}");
         }
-        assert!(contains_ignore_ascii_case("xDeAlLoCaTe", "deallocate"));
-        assert!(!contains_ignore_ascii_case("deallo", "deallocate"));
+        assert!(contains_part(b"pg_try_ADVISORY_LOCK_shared", b"advisory_lock"));
+        assert!(contains_part(b"pg_temp", b"pg_temp"));
+        assert!(!contains_part(b"pg_tem", b"pg_temp"));
+        assert!(!contains_part(b"_set_confi", b"set_config"));
+        assert!(contains_ignore_ascii_case(b"xDeAlLoCaTe", b"deallocate"));
+        assert!(contains_ignore_ascii_case(b"deallocate", b"deallocate"));
+        assert!(!contains_ignore_ascii_case(b"deallo", b"deallocate"));
+        assert!(!contains_ignore_ascii_case(b"xdeallocat", b"deallocate"));
     }
 
     #[test]

@@ -125,6 +125,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin, T: AsyncRead + AsyncWrite + Unpin> Maybe
     }
 }
 
+impl BackendStream {
+    /// Whether input (or the end of the stream) may have arrived since a read last drained
+    /// the socket. `false` is known from the reactor's readiness, without a system call:
+    /// epoll marks the socket readable when anything arrives, waiting task or not. Under
+    /// TLS plaintext may sit decrypted in the session, so the answer is always `true`.
+    pub fn may_be_readable(&self) -> bool {
+        match self {
+            MaybeTls::Plain(tcp) => tcp
+                .poll_read_ready(&mut Context::from_waker(Waker::noop()))
+                .is_ready(),
+            MaybeTls::Tls(_) => true,
+        }
+    }
+}
+
 impl ClientStream {
     pub fn socket_mut(&mut self) -> &mut ClientSocket {
         match self {

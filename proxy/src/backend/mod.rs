@@ -109,6 +109,11 @@ impl BackendConn {
     /// FATAL error of `pg_terminate_backend`) while the connection sat idle. Such a
     /// connection is discarded instead of being handed to a client.
     pub fn is_broken(&mut self) -> bool {
+        // Checked on every checkout, under the pool's lock: the probe's system call is only
+        // paid when the reactor saw something arrive.
+        if !self.stream.may_be_readable() {
+            return false;
+        }
         let mut probe = BytesMut::with_capacity(1);
         // Pending: nothing to read, the connection is healthy. Anything else (data, EOF,
         // an error) means it cannot be handed out.

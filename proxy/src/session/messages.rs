@@ -24,7 +24,7 @@ use super::settings::{self, Change, SettingSql, Signature};
 use super::statements::{BackendStatements, Prepared, Readiness};
 use super::Session;
 use crate::config::PoolMode;
-use crate::pinning::{classify_sql, contains_ignore_ascii_case, PinReason};
+use crate::pinning::{classify_sql, contains_ignore_ascii_case, is_pin_word, sql_words, PinReason};
 
 /// What the backend is doing for the client, derived from the messages seen.
 #[derive(Debug, Clone, Copy)]
@@ -213,6 +213,14 @@ fn on_client_message(
     match (tag, body) {
         (frontend::QUERY, Some(body)) => {
             let sql = frontend::parse_query(body)?;
+            if !sql_words(sql).any(|word| is_pin_word(word) || is_deallocation_word(word)) {
+                // Most queries: none of the checks below could act on them.
+                s.plan.push(Expect::Query {
+                    change: None,
+                    failed: false,
+                });
+                return Ok(false);
+            }
             let change = if !map {
                 None
             } else if is_discard_all(sql) {
@@ -479,11 +487,19 @@ fn deallocation(sql: &str) -> Option<Deallocate> {
     }
 }
 
+/// The words that start the statements [`deallocation`] and
+/// [`forget_statements_dropped_by`] act on.
+fn is_deallocation_word(word: &[u8]) -> bool {
+    word.eq_ignore_ascii_case(b"deallocate") || word.eq_ignore_ascii_case(b"discard")
+}
+
 /// SQL that deallocates prepared statements on the backend (`DEALLOCATE`, `DISCARD ALL`,
 /// `DISCARD PLANS`) makes pgwarden forget what it knew was prepared there; statements are
 /// prepared again on next use.
 fn forget_statements_dropped_by(sql: &str, statements: &mut BackendStatements) {
-    if contains_ignore_ascii_case(sql, "deallocate") || contains_ignore_ascii_case(sql, "discard") {
+    let sql = sql.as_bytes();
+    if contains_ignore_ascii_case(sql, b"deallocate") || contains_ignore_ascii_case(sql, b"discard")
+    {
         statements.clear();
     }
 }

@@ -9,7 +9,7 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::time::Sleep;
@@ -331,13 +331,53 @@ async fn borrow_watching_client(
 /// I/O completed by one poll of the relay.
 enum Event {
     FromClient(std::io::Result<usize>),
-    ToBackend(std::io::Result<usize>),
+    /// Bytes went out to the backend (and were flushed once all were written).
+    ToBackend(std::io::Result<()>),
     FromBackend(std::io::Result<usize>),
-    ToClient(std::io::Result<usize>),
-    FlushedClient(std::io::Result<()>),
-    FlushedBackend(std::io::Result<()>),
+    /// Bytes went out to the client (and were flushed once all were written).
+    ToClient(std::io::Result<()>),
     /// Shutdown began; noticed once.
     Shutdown,
+}
+
+/// Writes what it can of `out` to `stream`, then flushes (TLS buffers written bytes) once
+/// `out` is drained: writing and flushing are one step of the relay, not two. Ready when
+/// something was written or flushed, Pending (waker registered) when nothing could be.
+fn poll_send<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    out: &mut BytesMut,
+    unflushed: &mut bool,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<()>> {
+    let mut progressed = false;
+    while !out.is_empty() {
+        match Pin::new(&mut *stream).poll_write(cx, out) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => {
+                out.advance(n);
+                *unflushed = true;
+                progressed = true;
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending if progressed => return Poll::Ready(Ok(())),
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+    if *unflushed {
+        match Pin::new(&mut *stream).poll_flush(cx) {
+            Poll::Ready(Ok(())) => {
+                *unflushed = false;
+                progressed = true;
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {}
+        }
+    }
+    if progressed {
+        Poll::Ready(Ok(()))
+    } else {
+        Poll::Pending
+    }
 }
 
 /// Outgoing bytes above this stop reading from the other side (backpressure).
@@ -384,7 +424,12 @@ async fn relay(
     tokio::pin!(shutdown_signal);
     let mut shutdown_seen = false;
     loop {
-        if !terminating && !tx.backend_fatal && side.to_backend.len() < HIGH_WATER {
+        // Only new input needs looking at: most rounds of this loop only wrote something.
+        if !cbuf.is_empty()
+            && !terminating
+            && !tx.backend_fatal
+            && side.to_backend.len() < HIGH_WATER
+        {
             match process_client(s, tx, &mut side, cbuf) {
                 Ok((n, stopped)) => {
                     cbuf.advance(n);
@@ -393,7 +438,7 @@ async fn relay(
                 Err(e) => return End::ClientProtocol(e),
             }
         }
-        if side.to_client.len() < HIGH_WATER {
+        if !bbuf.is_empty() && side.to_client.len() < HIGH_WATER {
             match process_backend(s, tx, &mut backend_walker, &mut side, bbuf) {
                 Ok(n) => bbuf.advance(n),
                 Err(e) => {
@@ -441,15 +486,11 @@ async fn relay(
         // Checked on every poll: a client pinned during the round keeps its backend after it.
         let watch_shutdown = !s.releases_per_transaction();
         let event = poll_fn(|cx| {
-            if !side.to_backend.is_empty() && !tx.backend_fatal {
+            if !tx.backend_fatal {
                 if let Poll::Ready(r) =
-                    Pin::new(&mut *backend_stream).poll_write(cx, side.to_backend)
+                    poll_send(backend_stream, side.to_backend, &mut backend_unflushed, cx)
                 {
                     return Poll::Ready(Event::ToBackend(r));
-                }
-            } else if backend_unflushed {
-                if let Poll::Ready(r) = Pin::new(&mut *backend_stream).poll_flush(cx) {
-                    return Poll::Ready(Event::FlushedBackend(r));
                 }
             }
             if read_client {
@@ -458,14 +499,8 @@ async fn relay(
                     return Poll::Ready(Event::FromClient(r));
                 }
             }
-            if !side.to_client.is_empty() {
-                if let Poll::Ready(r) = Pin::new(&mut *stream).poll_write(cx, side.to_client) {
-                    return Poll::Ready(Event::ToClient(r));
-                }
-            } else if client_unflushed {
-                if let Poll::Ready(r) = Pin::new(&mut *stream).poll_flush(cx) {
-                    return Poll::Ready(Event::FlushedClient(r));
-                }
+            if let Poll::Ready(r) = poll_send(stream, side.to_client, &mut client_unflushed, cx) {
+                return Poll::Ready(Event::ToClient(r));
             }
             if read_backend {
                 reserve(bbuf);
@@ -481,26 +516,15 @@ async fn relay(
         .await;
 
         match event {
-            Event::FromClient(Ok(0) | Err(_)) | Event::ToClient(Ok(0) | Err(_)) => {
-                return End::ClientGone
-            }
-            Event::FromBackend(Ok(0) | Err(_)) | Event::ToBackend(Ok(0) | Err(_)) => {
+            Event::FromClient(Ok(0) | Err(_)) | Event::ToClient(Err(_)) => return End::ClientGone,
+            Event::FromBackend(Ok(0) | Err(_)) | Event::ToBackend(Err(_)) => {
                 return End::BackendGone
             }
-            Event::FromClient(Ok(_)) | Event::FromBackend(Ok(_)) => {}
+            Event::FromClient(Ok(_))
+            | Event::FromBackend(Ok(_))
+            | Event::ToBackend(Ok(()))
+            | Event::ToClient(Ok(())) => {}
             Event::Shutdown => shutdown_seen = true,
-            Event::ToBackend(Ok(n)) => {
-                side.to_backend.advance(n);
-                backend_unflushed = true;
-            }
-            Event::ToClient(Ok(n)) => {
-                side.to_client.advance(n);
-                client_unflushed = true;
-            }
-            Event::FlushedClient(Ok(())) => client_unflushed = false,
-            Event::FlushedBackend(Ok(())) => backend_unflushed = false,
-            Event::FlushedClient(Err(_)) => return End::ClientGone,
-            Event::FlushedBackend(Err(_)) => return End::BackendGone,
         }
     }
 }
