@@ -373,7 +373,10 @@ mod tests {
             assert!(may_pin(sql), "{sql}");
             assert!(classify_sql(sql).is_some(), "{sql}");
         }
-        assert!(contains_part(b"pg_try_ADVISORY_LOCK_shared", b"advisory_lock"));
+        assert!(contains_part(
+            b"pg_try_ADVISORY_LOCK_shared",
+            b"advisory_lock"
+        ));
         assert!(contains_part(b"pg_temp", b"pg_temp"));
         assert!(!contains_part(b"pg_tem", b"pg_temp"));
         assert!(!contains_part(b"_set_confi", b"set_config"));
