@@ -158,12 +158,17 @@ async fn metrics_match_the_docs_and_the_load() {
     assert_eq!(value(&m, "pgwarden_target_available"), 1.0);
     assert!(value(&m, "pgwarden_query_requests_total") >= transactions);
     assert!(value(&m, "pgwarden_query_response_duration_seconds_count") >= transactions);
-    // A client whose next request is already there keeps its backend, so borrows can be
-    // fewer than transactions.
+    // One borrow per request at most (a client whose next request is already there keeps
+    // its backend), plus one per client setup that applies startup settings on a backend.
     let borrows = value(&m, "pgwarden_borrow_duration_seconds_count");
+    let requests = value(&m, "pgwarden_query_requests_total");
+    let setups = value(
+        &m,
+        "pgwarden_client_connection_setups_total{outcome=\"succeeded\"}",
+    );
     assert!(
-        borrows >= 12.0 && borrows <= value(&m, "pgwarden_query_requests_total"),
-        "{borrows} borrows"
+        borrows >= 12.0 && borrows <= requests + setups,
+        "{borrows} borrows, {requests} requests, {setups} setups"
     );
     assert_eq!(
         value(
