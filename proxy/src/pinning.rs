@@ -77,6 +77,7 @@ pub fn sql_words(sql: &str) -> SqlWords<'_> {
     }
 }
 
+/// Iterator of [`sql_words`].
 pub struct SqlWords<'a> {
     bytes: &'a [u8],
     at: usize,
@@ -384,6 +385,19 @@ mod tests {
         assert!(contains_ignore_ascii_case(b"deallocate", b"deallocate"));
         assert!(!contains_ignore_ascii_case(b"deallo", b"deallocate"));
         assert!(!contains_ignore_ascii_case(b"xdeallocat", b"deallocate"));
+    }
+
+    #[test]
+    fn words_are_runs_of_ascii_letters_digits_and_underscores() {
+        let words: Vec<&[u8]> = sql_words("  SELECT é_x,pg_temp.t1;-- ").collect();
+        assert_eq!(
+            words,
+            [&b"SELECT"[..], b"_x", b"pg_temp", b"t1"],
+            "non-ASCII bytes and punctuation separate words"
+        );
+        assert_eq!(sql_words("").count(), 0);
+        // `is_pin_word` only searches words holding a `_` for these.
+        assert!(PIN_WORD_PARTS.iter().all(|part| part.contains('_')));
     }
 
     #[test]

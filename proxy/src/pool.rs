@@ -406,8 +406,6 @@ pub fn pay_debt(semaphore: &Semaphore, debt: &AtomicUsize) {
 }
 
 /// The outcome of looking at a pool under its lock.
-// Lives for one borrow and is moved once: boxing the connection would cost more than it saves.
-#[allow(clippy::large_enum_variant)]
 enum Step {
     Ready(Box<BackendConn>),
     Create(Slot),
@@ -417,7 +415,6 @@ enum Step {
 }
 
 /// A connection, or the right to open one, handed to a waiting client.
-#[allow(clippy::large_enum_variant)]
 enum Grant {
     Conn(Box<BackendConn>),
     Slot(Slot),

@@ -213,8 +213,7 @@ fn on_client_message(
     match (tag, body) {
         (frontend::QUERY, Some(body)) => {
             let sql = frontend::parse_query(body)?;
-            if !sql_words(sql).any(|word| is_pin_word(word) || is_deallocation_word(word)) {
-                // Most queries: none of the checks below could act on them.
+            if !needs_inspection(sql) {
                 s.plan.push(Expect::Query {
                     change: None,
                     failed: false,
@@ -487,6 +486,12 @@ fn deallocation(sql: &str) -> Option<Deallocate> {
     }
 }
 
+/// Whether the checks on a Query's text (settings, pins, deallocation) could act on `sql`:
+/// one scan of its words. Most queries hold none of those words and skip every check.
+fn needs_inspection(sql: &str) -> bool {
+    sql_words(sql).any(|word| is_pin_word(word) || is_deallocation_word(word))
+}
+
 /// The words that start the statements [`deallocation`] and
 /// [`forget_statements_dropped_by`] act on.
 fn is_deallocation_word(word: &[u8]) -> bool {
@@ -713,6 +718,27 @@ pub fn answer_without_backend(s: &mut Session, cbuf: &mut BytesMut) -> Option<By
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queries_the_checks_act_on_are_inspected_and_others_are_not() {
+        for sql in [
+            "SET search_path = app",
+            "reset all",
+            "DISCARD ALL",
+            "deallocate prepare s1",
+            "select pg_advisory_lock(1)",
+            "create TEMP table t (a int)",
+        ] {
+            assert!(needs_inspection(sql), "{sql}");
+        }
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 7",
+            "update t set_x = 1",
+            "BEGIN",
+        ] {
+            assert!(!needs_inspection(sql), "{sql}");
+        }
+    }
 
     #[test]
     fn recognises_a_clients_deallocation() {
