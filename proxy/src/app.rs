@@ -157,7 +157,14 @@ pub struct App {
     reloading: tokio::sync::Mutex<()>,
     /// Cancelled when pgwarden begins shutting down: idle sessions close at once.
     pub shutdown: CancellationToken,
+    /// Children of `shutdown` that clients between transactions wait on, a shard each:
+    /// waiting registers with the token's lock, and one lock taken by every client on
+    /// every transaction bounced between the worker threads.
+    shutdown_shards: Box<[CancellationToken]>,
 }
+
+/// How many [`App::shutdown_shard`]s there are.
+const SHUTDOWN_SHARDS: usize = 64;
 
 /// Why a reload was refused; the configuration in force stays.
 #[derive(Debug, thiserror::Error)]
@@ -227,8 +234,16 @@ impl App {
             paused: tokio::sync::watch::Sender::new(false),
             paused_now: std::sync::atomic::AtomicBool::new(false),
             reloading: tokio::sync::Mutex::new(()),
+            shutdown_shards: (0..SHUTDOWN_SHARDS)
+                .map(|_| shutdown.child_token())
+                .collect(),
             shutdown,
         }))
+    }
+
+    /// The shutdown token for the client with `key` to wait on: cancelled with `shutdown`.
+    pub fn shutdown_shard(&self, key: pgwarden_protocol::startup::CancelKey) -> &CancellationToken {
+        &self.shutdown_shards[key.secret as u32 as usize % SHUTDOWN_SHARDS]
     }
 
     /// The configuration in force and what was built from it. A session keeps the
@@ -339,6 +354,11 @@ impl App {
     }
 
     /// Waits while paused, until `deadline`; false if still paused then.
+    /// Whether PAUSE is in force (one atomic load).
+    pub fn is_paused(&self) -> bool {
+        self.paused_now.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub async fn wait_resumed(&self, deadline: std::time::Instant) -> bool {
         if !self.paused_now.load(std::sync::atomic::Ordering::Relaxed) {
             return true;

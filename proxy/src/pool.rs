@@ -624,12 +624,13 @@ impl Pool {
 
     /// Borrows a backend: an idle one, a new one if the pool has room, or the next one
     /// returned, waiting in FIFO order until `deadline`. Dropping the future leaves the queue.
+    /// `started` is the caller's clock reading at the start of the wait.
     pub async fn borrow(
         self: &Arc<Self>,
+        started: Instant,
         deadline: Instant,
     ) -> Result<Box<BackendConn>, BorrowError> {
-        let started = Instant::now();
-        let (step, discard) = self.take_or_queue();
+        let (step, discard) = self.take_or_queue(started);
         for _ in &discard {
             self.target.count_closed("broken_or_expired");
         }
@@ -648,10 +649,9 @@ impl Pool {
     /// Under the lock: an idle connection, a slot to open one, or a place in the queue.
     /// Also returns idle connections found dead or expired, to be closed after unlocking.
     #[allow(clippy::vec_box)]
-    fn take_or_queue(self: &Arc<Self>) -> (Step, Vec<Box<BackendConn>>) {
+    fn take_or_queue(self: &Arc<Self>, now: Instant) -> (Step, Vec<Box<BackendConn>>) {
         let mut discard = Vec::new();
         let mut st = lock(&self.state);
-        let now = Instant::now();
         while let Some(mut conn) = st.idle.pop() {
             if conn.is_expired(now) || conn.is_broken() {
                 discard.push(conn);

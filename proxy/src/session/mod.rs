@@ -629,8 +629,7 @@ async fn start_session(
     let mode = target.config().pool_mode;
     let mut held = None;
     if mode == PoolMode::Session || pool.params().is_none() {
-        let deadline = Instant::now() + target.config().borrow_timeout;
-        held = Some(borrow_unless_paused(app, &pool, deadline).await?);
+        held = Some(borrow_unless_paused(app, &pool, target.config().borrow_timeout).await?);
     }
     // Startup parameters equal to what every backend logs in with need no replay.
     let login_params = pool.params().unwrap_or_default();
@@ -656,8 +655,7 @@ async fn start_session(
                 let mut conn = match held.take() {
                     Some(conn) => conn,
                     None => {
-                        let deadline = Instant::now() + target.config().borrow_timeout;
-                        borrow_unless_paused(app, &pool, deadline).await?
+                        borrow_unless_paused(app, &pool, target.config().borrow_timeout).await?
                     }
                 };
                 match apply_settings(&mut conn, &settings.replay_sql()).await {
@@ -734,15 +732,24 @@ async fn start_session(
 pub async fn borrow_unless_paused(
     app: &App,
     pool: &Arc<Pool>,
-    deadline: Instant,
+    timeout: std::time::Duration,
 ) -> Result<Box<BackendConn>, Failure> {
-    if !app.wait_resumed(deadline).await {
-        return Err(Failure::Report(ErrorReport::fatal(
-            sqlstate::TOO_MANY_CONNECTIONS,
-            "pgwarden is paused (PAUSE on the admin console) and was not resumed within borrow_timeout",
-        )));
+    // One clock read serves the deadline, the pool's expiry checks and the wait's start.
+    let mut started = Instant::now();
+    let deadline = started + timeout;
+    if app.is_paused() {
+        if !app.wait_resumed(deadline).await {
+            return Err(Failure::Report(ErrorReport::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                "pgwarden is paused (PAUSE on the admin console) and was not resumed within borrow_timeout",
+            )));
+        }
+        // Time paused is not time spent waiting for a backend.
+        started = Instant::now();
     }
-    pool.borrow(deadline).await.map_err(Failure::from_borrow)
+    pool.borrow(started, deadline)
+        .await
+        .map_err(Failure::from_borrow)
 }
 
 /// Runs `sql` on a backend outside any client's view; returns the ParameterStatus values it

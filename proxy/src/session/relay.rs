@@ -10,7 +10,7 @@
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::time::Sleep;
 
@@ -252,7 +252,7 @@ async fn wait_for_client(
                     return Wait::Closed;
                 }
             }
-            () = s.app.shutdown.cancelled() => {
+            () = s.app.shutdown_shard(s.cancel.key()).cancelled() => {
                 send_failure(stream, &shutting_down()).await;
                 return Wait::Closed;
             }
@@ -309,8 +309,7 @@ async fn borrow_watching_client(
     cbuf: &mut BytesMut,
     s: &Session,
 ) -> Option<Result<Box<BackendConn>, Failure>> {
-    let deadline = Instant::now() + s.target.config().borrow_timeout;
-    let borrow = super::borrow_unless_paused(&s.app, &s.pool, deadline);
+    let borrow = super::borrow_unless_paused(&s.app, &s.pool, s.target.config().borrow_timeout);
     tokio::pin!(borrow);
     loop {
         tokio::select! {
@@ -417,11 +416,9 @@ async fn relay(
     let mut terminating = false;
     // Session-mode and pinned clients wait here between transactions, so shutdown must be
     // noticed here too, not only while waiting without a backend. A client that releases
-    // its backend at the end of the transaction notices it in that wait instead: watching
-    // here as well would register with the shutdown token on every transaction.
-    let shutdown = s.app.shutdown.clone();
-    let shutdown_signal = shutdown.cancelled();
-    tokio::pin!(shutdown_signal);
+    // its backend at the end of the transaction notices it in that wait instead: the
+    // signal is only made (a token clone, a registration) once a round needs to watch.
+    let mut shutdown_signal = None;
     let mut shutdown_seen = false;
     loop {
         // Only new input needs looking at: most rounds of this loop only wrote something.
@@ -484,7 +481,11 @@ async fn relay(
             && cbuf.len() < MAX_WAITING_BUFFER;
         let read_backend = side.to_client.len() < HIGH_WATER && bbuf.len() < MAX_WAITING_BUFFER;
         // Checked on every poll: a client pinned during the round keeps its backend after it.
-        let watch_shutdown = !s.releases_per_transaction();
+        let watch_shutdown = !s.releases_per_transaction() && !shutdown_seen;
+        if watch_shutdown && shutdown_signal.is_none() {
+            let token = s.app.shutdown_shard(s.cancel.key()).clone();
+            shutdown_signal = Some(Box::pin(token.cancelled_owned()));
+        }
         let event = poll_fn(|cx| {
             if !tx.backend_fatal {
                 if let Poll::Ready(r) =
@@ -508,8 +509,10 @@ async fn relay(
                     return Poll::Ready(Event::FromBackend(r));
                 }
             }
-            if watch_shutdown && !shutdown_seen && shutdown_signal.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Event::Shutdown);
+            if let Some(signal) = shutdown_signal.as_mut().filter(|_| watch_shutdown) {
+                if signal.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Shutdown);
+                }
             }
             Poll::Pending
         })
