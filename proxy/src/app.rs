@@ -408,6 +408,9 @@ fn restart_only_changes(old: &Config, new: &Config, has_tls: bool) -> Vec<String
     if o.listen_backlog != n.listen_backlog {
         notes.push("server.listen_backlog changed: takes effect after a restart".to_owned());
     }
+    if o.worker_threads != n.worker_threads {
+        notes.push("server.worker_threads changed: takes effect after a restart".to_owned());
+    }
     if has_tls != n.tls.is_some() {
         notes.push(
             "[server.tls] was added or removed: takes effect after a restart (a changed certificate is reloaded)"

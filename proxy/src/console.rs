@@ -408,6 +408,7 @@ const RESTART_ONLY: &[&str] = &[
     "server.listen",
     "server.admin_listen",
     "server.listen_backlog",
+    "server.worker_threads",
     "server.max_auth_failures",
     "server.auth_failure_window",
     "cluster.instance_id",

@@ -20,6 +20,7 @@ pub mod parking;
 pub mod pinning;
 pub mod pool;
 pub mod quotas;
+pub mod runtime;
 pub mod secrets;
 pub mod server;
 pub mod session;

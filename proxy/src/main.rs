@@ -84,32 +84,35 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
     let log_format = cli.log_format;
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the runtime");
-            return ExitCode::FAILURE;
+    let result = match cli.command {
+        // The configuration comes first: it sizes the runtime.
+        Command::Run { config } => {
+            Config::load(&config)
+                .map_err(anyhow::Error::from)
+                .and_then(|loaded| {
+                    pgwarden::runtime::build(loaded.server.worker_threads)?
+                        .block_on(run(loaded, config))
+                })
         }
+        command => pgwarden::runtime::build(0).and_then(|runtime| {
+            runtime.block_on(async {
+                match command {
+                    Command::Run { .. } => unreachable!("handled above"),
+                    Command::CheckConfig { config } => check_config(config).await,
+                    Command::Token(args) => pgwarden::token_cli::token(&args)
+                        .await
+                        .map(|token| println!("{token}")),
+                    Command::Healthcheck { address, path } => {
+                        pgwarden::admin::healthcheck(address, &path).await
+                    }
+                    Command::Demo {
+                        listen,
+                        admin_listen,
+                    } => pgwarden::demo::run(listen, admin_listen).await,
+                }
+            })
+        }),
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Run { config } => run(config).await,
-            Command::CheckConfig { config } => check_config(config).await,
-            Command::Token(args) => pgwarden::token_cli::token(&args)
-                .await
-                .map(|token| println!("{token}")),
-            Command::Healthcheck { address, path } => {
-                pgwarden::admin::healthcheck(address, &path).await
-            }
-            Command::Demo {
-                listen,
-                admin_listen,
-            } => pgwarden::demo::run(listen, admin_listen).await,
-        }
-    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -123,8 +126,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(path: PathBuf) -> anyhow::Result<()> {
-    let config = Config::load(&path)?;
+async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let server = Server::bind_with_file(config, Some(path)).await?;
     let shutdown = server.app.shutdown.clone();
     tokio::spawn(async move {

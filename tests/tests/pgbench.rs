@@ -208,3 +208,63 @@ async fn pgbench_extended_protocol_has_no_errors() {
         "unnamed statements of the extended protocol pinned a client:\n{metrics}"
     );
 }
+
+/// Threads of process `pid` that are tokio's multi-threaded workers (or its blocking pool,
+/// which takes the same name).
+fn tokio_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("list the process's threads")
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "tokio-rt-worker")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_thread_serves_the_load_on_a_single_thread_and_stops_cleanly() {
+    let cluster = PgCluster::start();
+    let single = |user: &str| PgwardenOptions {
+        users: vec![(user.to_owned(), format!("{user}-pw"))],
+        ..PgwardenOptions::default()
+    };
+    let two = Pgwarden::start(
+        &cluster,
+        PgwardenOptions {
+            extra_server_toml: "worker_threads = 2\n".to_owned(),
+            ..single("two")
+        },
+    )
+    .await;
+    assert_eq!(tokio_threads(two.pid()), 2, "worker_threads = 2");
+    drop(two);
+
+    let mut pgwarden = Pgwarden::start(
+        &cluster,
+        PgwardenOptions {
+            extra_server_toml: "worker_threads = 1\n".to_owned(),
+            ..single("app")
+        },
+    )
+    .await;
+    assert_eq!(
+        tokio_threads(pgwarden.pid()),
+        0,
+        "worker_threads = 1 runs the listener, clients and reactor on the main thread"
+    );
+    let init = pgwarden.pgbench(&["-i", "-s", "1"]).await;
+    assert_success(&init, &pgwarden, "pgbench -i -s 1 through pgwarden");
+    for args in [
+        &["-S", "-c", "20", "-j", "2", "-T", "5"][..],
+        &["-C", "-S", "-c", "10", "-j", "2", "-T", "3"][..],
+    ] {
+        let run = pgwarden.pgbench(args).await;
+        let text = assert_success(&run, &pgwarden, &format!("pgbench {args:?}"));
+        assert_eq!(reported(&text, "number of failed transactions"), 0);
+        assert!(reported(&text, "number of transactions actually processed") > 0);
+    }
+    pgwarden.send_sigterm();
+    let status = pgwarden
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("pgwarden exits on SIGTERM");
+    assert!(status.success(), "exit status {status}");
+}
