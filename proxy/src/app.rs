@@ -353,14 +353,14 @@ impl App {
         self.paused.send_replace(false);
     }
 
-    /// Waits while paused, until `deadline`; false if still paused then.
     /// Whether PAUSE is in force (one atomic load).
     pub fn is_paused(&self) -> bool {
         self.paused_now.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Waits while paused, until `deadline`; false if still paused then.
     pub async fn wait_resumed(&self, deadline: std::time::Instant) -> bool {
-        if !self.paused_now.load(std::sync::atomic::Ordering::Relaxed) {
+        if !self.is_paused() {
             return true;
         }
         let mut rx = self.paused.subscribe();

@@ -133,6 +133,9 @@ pub enum ClientAuth {
     Iam,
 }
 
+/// The most `server.worker_threads` a configuration may ask for.
+const MAX_WORKER_THREADS: usize = 1024;
+
 /// Listener, admin endpoint and client-facing limits.
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -508,6 +511,11 @@ impl Config {
         if self.server.max_client_connections == 0 {
             problems.push("server.max_client_connections must be at least 1".to_owned());
         }
+        if self.server.worker_threads > MAX_WORKER_THREADS {
+            problems.push(format!(
+                "server.worker_threads must be at most {MAX_WORKER_THREADS} (0 is one per CPU)"
+            ));
+        }
         if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
             problems.push("server.listen and server.admin_listen must differ".to_owned());
         }
@@ -714,6 +722,20 @@ mod tests {
             panic!("invalid expected")
         };
         assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+
+    #[test]
+    fn worker_threads_default_to_one_per_cpu_and_are_bounded() {
+        let c = Config::from_toml(MINIMAL).expect("valid");
+        assert_eq!(c.server.worker_threads, 0);
+        let text = MINIMAL.replace("[server]", "[server]\nworker_threads = 100000");
+        let Err(ConfigError::Invalid(problems)) = Config::from_toml(&text) else {
+            panic!("invalid expected")
+        };
+        assert!(
+            problems[0].contains("server.worker_threads"),
+            "{problems:?}"
+        );
     }
 
     #[test]
