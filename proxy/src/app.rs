@@ -360,9 +360,6 @@ impl App {
 
     /// Waits while paused, until `deadline`; false if still paused then.
     pub async fn wait_resumed(&self, deadline: std::time::Instant) -> bool {
-        if !self.is_paused() {
-            return true;
-        }
         let mut rx = self.paused.subscribe();
         let resumed = tokio::time::timeout_at(deadline.into(), rx.wait_for(|paused| !paused))
             .await

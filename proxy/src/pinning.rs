@@ -116,64 +116,17 @@ static WORD_BYTES: [bool; 256] = {
     table
 };
 
-/// Whether `word` (from [`sql_words`]) is one the rules below could act on. Every word of
-/// every Query comes here, so a word is only compared with [`PIN_WORDS`] when its length
-/// and first letter are those of one of them.
+/// Whether `word` (from [`sql_words`]) is one the rules below could act on.
 pub fn is_pin_word(word: &[u8]) -> bool {
-    let Some(&first) = word.first() else {
-        return false;
-    };
-    let may_be_whole = word.len() < 64
-        && PIN_WORD_LENGTHS >> word.len() & 1 == 1
-        && PIN_WORD_FIRST_BYTES[first as usize];
-    (may_be_whole
-        && PIN_WORDS
-            .iter()
-            .any(|w| w.len() == word.len() && word.eq_ignore_ascii_case(w.as_bytes())))
+    PIN_WORDS
+        .iter()
+        .any(|w| w.len() == word.len() && word.eq_ignore_ascii_case(w.as_bytes()))
         // Every part holds a `_`, which most words do not.
-        || (word.len() >= SHORTEST_PART
-            && word.contains(&b'_')
+        || (word.contains(&b'_')
             && PIN_WORD_PARTS
                 .iter()
                 .any(|part| contains_part(word, part.as_bytes())))
 }
-
-/// The lengths of [`PIN_WORDS`], as bits.
-const PIN_WORD_LENGTHS: u64 = {
-    let mut bits = 0;
-    let mut i = 0;
-    while i < PIN_WORDS.len() {
-        bits |= 1 << PIN_WORDS[i].len();
-        i += 1;
-    }
-    bits
-};
-
-/// The first letters of [`PIN_WORDS`], in either case.
-static PIN_WORD_FIRST_BYTES: [bool; 256] = {
-    let mut table = [false; 256];
-    let mut i = 0;
-    while i < PIN_WORDS.len() {
-        let first = PIN_WORDS[i].as_bytes()[0];
-        table[first.to_ascii_lowercase() as usize] = true;
-        table[first.to_ascii_uppercase() as usize] = true;
-        i += 1;
-    }
-    table
-};
-
-/// The length of the shortest of [`PIN_WORD_PARTS`].
-const SHORTEST_PART: usize = {
-    let mut shortest = usize::MAX;
-    let mut i = 0;
-    while i < PIN_WORD_PARTS.len() {
-        if PIN_WORD_PARTS[i].len() < shortest {
-            shortest = PIN_WORD_PARTS[i].len();
-        }
-        i += 1;
-    }
-    shortest
-};
 
 /// Whether `word` holds `part`, in any case. Every part holds a `_`, so only the places
 /// where `word` has one are tried (most words have none).
@@ -442,7 +395,7 @@ mod tests {
             }
         }
         assert!(is_pin_word(b"pg_try_advisory_lock"));
-        // The same length and first letter as a pin word, or a part without its `_`.
+        // Near misses: the length and first letter of a pin word, or a part without its `_`.
         for word in ["sex", "Heed", "TEMPORARx", "", "pg", "pgtemp", "setconfig"] {
             assert!(!is_pin_word(word.as_bytes()), "{word}");
         }

@@ -31,15 +31,10 @@ mod tests {
 
     #[test]
     fn one_thread_is_the_current_thread_runtime_and_more_are_workers() {
-        let flavor = |threads| {
-            super::build(threads)
-                .expect("runtime")
-                .handle()
-                .runtime_flavor()
-        };
-        assert_eq!(flavor(1), RuntimeFlavor::CurrentThread);
-        assert_eq!(flavor(3), RuntimeFlavor::MultiThread);
-        let workers = super::build(3).expect("runtime").metrics().num_workers();
-        assert_eq!(workers, 3);
+        let one = super::build(1).expect("runtime");
+        assert_eq!(one.handle().runtime_flavor(), RuntimeFlavor::CurrentThread);
+        let three = super::build(3).expect("runtime");
+        assert_eq!(three.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
+        assert_eq!(three.metrics().num_workers(), 3);
     }
 }
