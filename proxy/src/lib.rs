@@ -15,6 +15,7 @@ pub mod config;
 pub mod console;
 pub mod credentials;
 pub mod demo;
+pub mod memory;
 pub mod metrics;
 pub mod parking;
 pub mod pinning;

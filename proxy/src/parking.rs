@@ -10,12 +10,14 @@
 use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use prometheus::{IntCounter, IntGauge};
 use tracing::{debug, error};
 
+use crate::memory::{self, TrimPolicy};
 use crate::session::Client;
 
 /// The token of the waker that tells the thread to release every client.
@@ -42,6 +44,8 @@ struct State {
     next_token: usize,
     /// Set at shutdown: every parked client is released and none is taken any more.
     closed: bool,
+    /// When to give the memory of clients that parked back to the system.
+    trim: TrimPolicy,
 }
 
 impl ParkingLot {
@@ -98,6 +102,13 @@ impl ParkingLot {
         state.clients.insert(token, client);
         self.shared.parked.inc();
         self.shared.parks.inc();
+        let trim_pending = state.trim.parked(Instant::now());
+        drop(state);
+        if trim_pending {
+            if let Err(e) = self.shared.waker.wake() {
+                debug!(error = %e, "could not wake the parking thread");
+            }
+        }
         Ok(())
     }
 
@@ -126,11 +137,13 @@ impl Shared {
 }
 
 /// The parking thread: waits for parked sockets to become readable (data or close) and
-/// releases their clients; at shutdown releases all and ends.
+/// releases their clients; gives memory back after a wave of parking (`memory.rs`); at
+/// shutdown releases all and ends.
 fn watch(mut poll: Poll, shared: &Shared) {
     let mut events = Events::with_capacity(256);
     loop {
-        if let Err(e) = poll.poll(&mut events, None) {
+        let timeout = shared.lock().trim.wait(Instant::now());
+        if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
@@ -154,6 +167,14 @@ fn watch(mut poll: Poll, shared: &Shared) {
         }
         if closed {
             return;
+        }
+        if shared.lock().trim.due(Instant::now()) {
+            let started = Instant::now();
+            memory::release_free_memory();
+            debug!(
+                took_us = started.elapsed().as_micros() as u64,
+                "gave free memory back after clients parked"
+            );
         }
     }
 }

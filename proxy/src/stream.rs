@@ -150,7 +150,16 @@ impl ClientStream {
 
     /// Waits until the socket has something to read (or is closed), holding no buffer.
     pub async fn readable(&mut self) -> io::Result<()> {
-        self.socket_mut().live()?.readable().await
+        std::future::poll_fn(|cx| self.poll_readable(cx)).await
+    }
+
+    /// [`Self::readable`] as a poll: a waiting client keeps no future for it, only the
+    /// socket's own waker slot.
+    pub fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.socket_mut().live() {
+            Ok(tcp) => tcp.poll_read_ready(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 }
 

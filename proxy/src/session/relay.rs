@@ -64,39 +64,52 @@ enum End {
 ///
 /// This future is what a client between transactions costs, so it stays small: the
 /// transaction's state is boxed and freed when the transaction ends.
-pub async fn serve(mut client: Box<Client>, mut cbuf: BytesMut, held: Option<Box<BackendConn>>) {
-    if held.is_some() && Box::pin(transaction(&mut client, &mut cbuf, held)).await == Next::Stop {
-        return disconnected(&client);
-    }
-    let mut may_park = true;
-    // One timer for every wait: pushing its deadline later is a store, not a trip to the
-    // timer wheel (it fires at the old deadline at most once and re-arms itself).
-    let park_timer = tokio::time::sleep(Duration::from_secs(3600));
-    tokio::pin!(park_timer);
-    loop {
-        let timer = may_park.then_some(park_timer.as_mut());
-        match wait_for_client(&mut client, &mut cbuf, timer).await {
-            Wait::Ready => {}
-            Wait::Closed => break,
-            Wait::Park => {
-                client.session.release_scratch();
-                let app = client.session.app.clone();
-                match app.parking.park(client) {
-                    Ok(()) => return,
-                    Err(back) => {
-                        // Shutting down, or the socket would not move: wait here instead.
-                        client = back;
-                        may_park = false;
-                        continue;
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold its arguments twice; see the comment inside"
+)]
+pub fn serve(
+    mut client: Box<Client>,
+    mut cbuf: BytesMut,
+    held: Option<Box<BackendConn>>,
+) -> impl Future<Output = ()> {
+    // An `async` block, not an `async fn`: the arguments are its captures, held once.
+    // An `async fn` keeps a copy of each argument it moved into a local, for its whole life.
+    async move {
+        if held.is_some() && Box::pin(transaction(&mut client, &mut cbuf, held)).await == Next::Stop
+        {
+            return disconnected(&client);
+        }
+        let mut may_park = true;
+        // One timer for every wait: pushing its deadline later is a store, not a trip to the
+        // timer wheel (it fires at the old deadline at most once and re-arms itself).
+        let park_timer = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(park_timer);
+        loop {
+            let timer = may_park.then_some(park_timer.as_mut());
+            match wait_for_client(&mut client, &mut cbuf, timer).await {
+                Wait::Ready => {}
+                Wait::Closed => break,
+                Wait::Park => {
+                    client.session.release_scratch();
+                    let app = client.session.app.clone();
+                    match app.parking.park(client) {
+                        Ok(()) => return,
+                        Err(back) => {
+                            // Shutting down, or the socket would not move: wait here instead.
+                            client = back;
+                            may_park = false;
+                            continue;
+                        }
                     }
                 }
             }
+            if Box::pin(transaction(&mut client, &mut cbuf, None)).await == Next::Stop {
+                break;
+            }
         }
-        if Box::pin(transaction(&mut client, &mut cbuf, None)).await == Next::Stop {
-            break;
-        }
+        disconnected(&client);
     }
-    disconnected(&client);
 }
 
 fn disconnected(client: &Client) {
@@ -245,18 +258,33 @@ async fn wait_for_client(
             .as_mut()
             .reset(tokio::time::Instant::now() + park_after);
     }
+    let shutdown = s.app.shutdown_shard(s.cancel.key()).cancelled();
+    tokio::pin!(shutdown);
     loop {
-        tokio::select! {
-            ready = stream.readable() => {
-                if ready.is_err() {
-                    return Wait::Closed;
-                }
+        // A poll of three sources rather than `select!` on three futures: this future is
+        // what an idle client costs until it parks (see `serve`).
+        let woke = poll_fn(|cx| {
+            if shutdown.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Woke::Shutdown);
             }
-            () = s.app.shutdown_shard(s.cancel.key()).cancelled() => {
-                send_failure(stream, &shutting_down()).await;
+            if let Poll::Ready(ready) = stream.poll_readable(cx) {
+                return Poll::Ready(Woke::Readable(ready.is_ok()));
+            }
+            match park_timer.as_mut().map(|timer| timer.as_mut().poll(cx)) {
+                Some(Poll::Ready(())) => Poll::Ready(Woke::ParkTimer),
+                _ => Poll::Pending,
+            }
+        })
+        .await;
+        match woke {
+            Woke::Readable(true) => {}
+            Woke::Readable(false) => return Wait::Closed,
+            Woke::Shutdown => {
+                // Boxed: the failure and its write are not kept in every idle client's future.
+                Box::pin(async { send_failure(stream, &shutting_down()).await }).await;
                 return Wait::Closed;
             }
-            () = park_expired(&mut park_timer) => return Wait::Park,
+            Woke::ParkTimer => return Wait::Park,
         }
         cbuf.reserve(FIRST_READ);
         match stream.read_now(cbuf) {
@@ -268,12 +296,12 @@ async fn wait_for_client(
     }
 }
 
-/// Completes when the park timer fires; never without one.
-async fn park_expired(timer: &mut Option<Pin<&mut Sleep>>) {
-    match timer {
-        Some(timer) => timer.as_mut().await,
-        None => std::future::pending().await,
-    }
+/// What woke a client waiting between transactions.
+enum Woke {
+    /// Its socket is readable (`true`) or failed (`false`).
+    Readable(bool),
+    Shutdown,
+    ParkTimer,
 }
 
 /// The FATAL error a client between transactions gets when pgwarden shuts down.
