@@ -211,7 +211,7 @@ pub fn goals(s: &[Summary], candidate: &str, baseline: &str, direct: Option<&str
         goals.push(Goal {
             goal: format!("steady: p99 latency added over direct Postgres ≤ {baseline}'s"),
             measured: match (c, b) {
-                (Some(c), Some(b)) => format!("{candidate} +{c:.0} µs, {baseline} +{b:.0} µs"),
+                (Some(c), Some(b)) => format!("{candidate} {c:+.0} µs, {baseline} {b:+.0} µs"),
                 _ => "not measured".to_owned(),
             },
             met: c.zip(b).map(|(c, b)| c <= b),
