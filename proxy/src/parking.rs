@@ -142,7 +142,19 @@ impl Shared {
 fn watch(mut poll: Poll, shared: &Shared) {
     let mut events = Events::with_capacity(256);
     loop {
-        let timeout = shared.lock().trim.wait(Instant::now());
+        let (trim_now, timeout) = {
+            let mut state = shared.lock();
+            let now = Instant::now();
+            (state.trim.due(now), state.trim.wait(now))
+        };
+        if trim_now {
+            let started = Instant::now();
+            memory::release_free_memory();
+            debug!(
+                took_us = started.elapsed().as_micros() as u64,
+                "gave free memory back after clients parked"
+            );
+        }
         if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
@@ -167,14 +179,6 @@ fn watch(mut poll: Poll, shared: &Shared) {
         }
         if closed {
             return;
-        }
-        if shared.lock().trim.due(Instant::now()) {
-            let started = Instant::now();
-            memory::release_free_memory();
-            debug!(
-                took_us = started.elapsed().as_micros() as u64,
-                "gave free memory back after clients parked"
-            );
         }
     }
 }

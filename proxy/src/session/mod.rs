@@ -20,7 +20,6 @@ mod relay;
 pub mod settings;
 pub mod statements;
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -179,23 +178,22 @@ pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, admission: Adm
     );
     // Boxed, like every large step: a task's allocation is the size of its whole future,
     // and a client between transactions should not pay for the handshake's state.
-    let setup = setup(app, tcp, peer, admission, span.clone()).instrument(span.clone());
-    if let Some((client, buf, held)) = Box::pin(setup).await {
+    let setup = Box::pin(setup(app, tcp, peer, admission, span.clone()).instrument(span.clone()));
+    if let Some((client, buf, held)) = setup.await {
         relay::serve(client, buf, held).instrument(span).await;
     }
 }
 
 /// Serves a client woken from parking, in a new task.
-pub fn resume(mut client: Box<Client>) -> impl Future<Output = ()> {
-    let span = client.span.clone();
-    async move {
-        if let Err(e) = client.stream.socket_mut().unpark() {
-            debug!(error = %e, "could not take up a parked client");
-            return;
-        }
-        relay::serve(client, BytesMut::new(), None).await;
+pub async fn resume(mut client: Box<Client>) {
+    if let Err(e) = client.stream.socket_mut().unpark() {
+        debug!(parent: &client.span, error = %e, "could not take up a parked client");
+        return;
     }
-    .instrument(span)
+    let span = client.span.clone();
+    relay::serve(client, BytesMut::new(), None)
+        .instrument(span)
+        .await;
 }
 
 /// Handshake, authentication and the first ReadyForQuery; serves console clients whole.
@@ -823,18 +821,16 @@ fn closed() -> Failure {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
+
     use super::*;
 
-    fn future_size<F: Future>() -> usize {
+    fn future_size_4<A, B, C, D, F: Future>(_: fn(A, B, C, D) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 
-    fn future_size_4<A, B, C, D, F: Future>(_: fn(A, B, C, D) -> F) -> usize {
-        future_size::<F>()
-    }
-
     fn future_size_1<A, F: Future>(_: fn(A) -> F) -> usize {
-        future_size::<F>()
+        std::mem::size_of::<F>()
     }
 
     /// Until it parks, a client between transactions costs its task: the future `run` (or,
