@@ -17,7 +17,7 @@ use crate::cancel::CancelRegistry;
 use crate::config::{Config, IamConfig, IamVerifier};
 use crate::credentials::{CredentialStore, SecretSettings, StoreError};
 use crate::metrics::Metrics;
-use crate::parking::ParkingLot;
+use crate::parking::{ParkingLot, ParkingMetrics};
 use crate::pool::Target;
 use crate::tls::{self, ServerTls, TlsError};
 use pgwarden_auth::sts_token::Endpoint;
@@ -211,10 +211,11 @@ impl App {
             None => None,
         };
         let cancels = Arc::new(CancelRegistry::new(config.cluster.instance_id));
-        let parking = ParkingLot::start(
-            metrics.client_connections_parked.clone(),
-            metrics.client_parks.clone(),
-        )
+        let parking = ParkingLot::start(ParkingMetrics {
+            parked: metrics.client_connections_parked.clone(),
+            parks: metrics.client_parks.clone(),
+            trims: metrics.memory_trims.clone(),
+        })
         .map_err(AppError::Parking)?;
         Ok(Arc::new(Self {
             client_slots: Arc::new(Semaphore::new(config.server.max_client_connections)),

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub client_connections_parked: IntGauge,
     /// Times an idle client was parked.
     pub client_parks: IntCounter,
+    /// Times free memory was given back to the system after a wave of parking.
+    pub memory_trims: IntCounter,
     /// Client connections accepted since start.
     pub client_connections_received: IntCounter,
     /// Client connection setups by outcome (`succeeded`, `failed`, `refused`).
@@ -152,6 +154,14 @@ impl Metrics {
                 IntCounter::new(
                     "pgwarden_client_parks_total",
                     "Times an idle client connection was parked",
+                )
+                .expect("valid metric"),
+            ),
+            memory_trims: register(
+                r,
+                IntCounter::new(
+                    "pgwarden_memory_trims_total",
+                    "Times free memory was given back to the system after a wave of parked clients",
                 )
                 .expect("valid metric"),
             ),

@@ -34,8 +34,17 @@ struct Shared {
     state: Mutex<State>,
     /// Where woken clients get their new task.
     runtime: tokio::runtime::Handle,
-    parked: IntGauge,
-    parks: IntCounter,
+    metrics: ParkingMetrics,
+}
+
+/// What the lot counts.
+pub struct ParkingMetrics {
+    /// Clients parked now.
+    pub parked: IntGauge,
+    /// Parks since start.
+    pub parks: IntCounter,
+    /// Memory trims after a wave of parking.
+    pub trims: IntCounter,
 }
 
 #[derive(Default)]
@@ -51,15 +60,14 @@ struct State {
 impl ParkingLot {
     /// Starts the thread that watches parked clients. Must be called inside the runtime
     /// that is to serve them again.
-    pub fn start(parked: IntGauge, parks: IntCounter) -> io::Result<Self> {
+    pub fn start(metrics: ParkingMetrics) -> io::Result<Self> {
         let poll = Poll::new()?;
         let shared = Arc::new(Shared {
             registry: poll.registry().try_clone()?,
             waker: Waker::new(poll.registry(), WAKER)?,
             state: Mutex::default(),
             runtime: tokio::runtime::Handle::current(),
-            parked,
-            parks,
+            metrics,
         });
         let watcher = shared.clone();
         std::thread::Builder::new()
@@ -100,8 +108,8 @@ impl ParkingLot {
             };
         }
         state.clients.insert(token, client);
-        self.shared.parked.inc();
-        self.shared.parks.inc();
+        self.shared.metrics.parked.inc();
+        self.shared.metrics.parks.inc();
         let trim_pending = state.trim.parked(Instant::now());
         drop(state);
         if trim_pending {
@@ -131,7 +139,7 @@ impl Shared {
         if let Some(fd) = client.stream.socket_mut().parked_fd() {
             let _ = self.registry.deregister(&mut SourceFd(&fd));
         }
-        self.parked.dec();
+        self.metrics.parked.dec();
         self.runtime.spawn(crate::session::resume(client));
     }
 }
@@ -150,6 +158,7 @@ fn watch(mut poll: Poll, shared: &Shared) {
         if trim_now {
             let started = Instant::now();
             memory::release_free_memory();
+            shared.metrics.trims.inc();
             debug!(
                 took_us = started.elapsed().as_micros() as u64,
                 "gave free memory back after clients parked"

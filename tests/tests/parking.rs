@@ -135,3 +135,43 @@ async fn shutdown_wakes_parked_clients_and_tells_them() {
         assert_closed_by_shutdown(client).await;
     }
 }
+
+/// A wave of parking ends with free memory given back to the system (`memory.rs`): not
+/// after a few parks, but once 1,000 have come and parking has been quiet for a moment.
+#[tokio::test]
+async fn a_wave_of_parking_gives_memory_back_once_it_settles() {
+    const CLIENTS: usize = 100;
+    const TRIMS: &str = "pgwarden_memory_trims_total";
+    let cluster = PgCluster::start();
+    let pgwarden = Pgwarden::start(&cluster, parking_options(false)).await;
+    let clients = futures_util::future::join_all(
+        (0..CLIENTS).map(|_| pgwarden.connect("app", "app-pw", "app")),
+    )
+    .await;
+    // Each client parks once after connecting, then once after each round of queries.
+    let wait_all_parked = || {
+        wait_for_metric(
+            &pgwarden,
+            "pgwarden_client_connections_parked",
+            CLIENTS as f64,
+        )
+    };
+    wait_all_parked().await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        metric(&pgwarden, TRIMS).await,
+        0.0,
+        "{CLIENTS} parks are too few to trim for"
+    );
+
+    let mut parks = metric(&pgwarden, "pgwarden_client_parks_total").await;
+    while parks < 1000.0 {
+        let queries = clients.iter().map(|client| client.simple_query("select 1"));
+        for result in futures_util::future::join_all(queries).await {
+            result.expect("query");
+        }
+        wait_all_parked().await;
+        parks = metric(&pgwarden, "pgwarden_client_parks_total").await;
+    }
+    wait_for_metric(&pgwarden, TRIMS, 1.0).await;
+}
