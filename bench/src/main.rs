@@ -274,11 +274,13 @@ async fn run_step(
             .await
         }
     };
-    let cpu = target
-        .pid
-        .and_then(cpu_seconds)
-        .zip(cpu_before)
-        .map(|(a, b)| a - b);
+    let cpu = m.cpu_seconds.or_else(|| {
+        target
+            .pid
+            .and_then(cpu_seconds)
+            .zip(cpu_before)
+            .map(|(a, b)| a - b)
+    });
     let rss = target.pid.and_then(rss_kib);
     stop.cancel();
     let backends = match sampler {

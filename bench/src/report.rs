@@ -27,7 +27,8 @@ pub struct Sample {
     pub invocation: Option<Percentiles>,
     pub errors: BTreeMap<String, u64>,
     pub connected: usize,
-    /// CPU time of the target's process per completed unit.
+    /// CPU time of the target's process per completed unit (idle-fleet: over the active
+    /// set's transactions only, not the fleet's connects).
     pub cpu_us_per_unit: Option<f64>,
     /// Resident memory of the target's process at the end.
     pub rss_kib: Option<u64>,
@@ -301,6 +302,14 @@ pub fn markdown(report: &Report, charts: &[String]) -> String {
     }
     for workload in workloads {
         let _ = writeln!(md, "## {workload}\n");
+        if workload == "idle-fleet" {
+            let _ = writeln!(
+                md,
+                "Throughput, latency and CPU/unit are the active set's, measured while the idle \
+                 fleet stays connected (the fleet's connects are not counted); idle KiB/conn is \
+                 the resident memory the target gained per idle client.\n"
+            );
+        }
         let _ = writeln!(
             md,
             "| target | clients | {} | ratio | p50 | p99 | connect p99 | invocation p99 | errors | CPU/unit | RSS | idle KiB/conn |",

@@ -11,7 +11,7 @@ use tokio::sync::Semaphore;
 use tokio_postgres::Client;
 
 use crate::client::{error_key, Connector};
-use crate::measure::{rss_kib, Errors, Latency};
+use crate::measure::{cpu_seconds, rss_kib, Errors, Latency};
 
 /// Connections opened at once while building a large fleet: enough to be fast, few enough
 /// not to overflow the listener's accept backlog.
@@ -34,6 +34,10 @@ pub struct Measured {
     pub idle_kib_per_connection: Option<f64>,
     /// Clients connected at the peak.
     pub connected: usize,
+    /// The target's CPU seconds over the part of the run that `completed` counts, when that
+    /// is not the whole run (idle-fleet: the active set's transactions, not the fleet's
+    /// connects); `None` to take the whole run's.
+    pub cpu_seconds: Option<f64>,
 }
 
 /// The statements: a point select and a small update in a transaction, on pgbench's
@@ -233,7 +237,12 @@ pub async fn idle_fleet(
     // Let the target settle (freed handshake buffers, allocator) before reading memory.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = pid.and_then(rss_kib);
+    let cpu_before = pid.and_then(cpu_seconds);
     let mut m = steady(target, active, duration, sql).await;
+    m.cpu_seconds = pid
+        .and_then(cpu_seconds)
+        .zip(cpu_before)
+        .map(|(a, b)| a - b);
     m.connect = opened.connect;
     m.errors.add(&opened.errors);
     m.connected = fleet.len() + active;
