@@ -308,6 +308,11 @@ impl CancelHandle {
         self.key
     }
 
+    /// Who the client is, as registered.
+    pub fn info(&self) -> &ClientInfo {
+        &self.client.info
+    }
+
     /// The session now runs on the backend at `addr` with `backend_key`.
     pub fn attach(&self, addr: SocketAddr, backend_key: CancelKey) {
         *lock(&self.client.current) = Some(Attached {

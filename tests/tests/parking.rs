@@ -74,6 +74,27 @@ async fn an_idle_client_parks_and_wakes_with_its_prepared_statements_and_setting
     drop(client);
     wait_for_metric(&pgwarden, "pgwarden_client_connections_parked", 0.0).await;
     wait_for_metric(&pgwarden, "pgwarden_client_connections", 0.0).await;
+
+    // Its log span is dropped while it is parked and made again when it wakes: the lines
+    // of a woken client still say who it is.
+    let log = pgwarden.log();
+    let disconnected: serde_json::Value = log
+        .lines()
+        .find(|line| line.contains("client disconnected"))
+        .and_then(|line| serde_json::from_str(line).ok())
+        .unwrap_or_else(|| panic!("no disconnect line in\n{log}"));
+    let span = &disconnected["span"];
+    assert_eq!(span["name"], "client", "{disconnected}");
+    assert_eq!(span["user"], "app", "{disconnected}");
+    assert_eq!(span["database"], "app", "{disconnected}");
+    assert_eq!(span["target"], "main", "{disconnected}");
+    assert_eq!(span["tls"], false, "{disconnected}");
+    assert!(
+        span["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "{disconnected}"
+    );
 }
 
 #[tokio::test]

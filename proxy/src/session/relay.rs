@@ -92,12 +92,14 @@ pub fn serve(
                 Wait::Closed => break,
                 Wait::Park => {
                     client.session.release_scratch();
+                    let span = client.take_span();
                     let app = client.session.app.clone();
                     match app.parking.park(client) {
                         Ok(()) => return,
                         Err(back) => {
                             // Shutting down, or the socket would not move: wait here instead.
                             client = back;
+                            client.span = span;
                             may_park = false;
                             continue;
                         }
