@@ -174,20 +174,30 @@ impl Client {
     fn span_again(&mut self) {
         let info = self.session.cancel.info();
         let key = &self.session.pool.key;
-        let span = info_span!(
-            "client",
-            peer = %info.peer,
-            user = key.user.as_str(),
-            database = key.database.as_str(),
-            target = self.session.target.name(),
-            principal = tracing::field::Empty,
-            tls = info.tls
-        );
+        let span = client_span(info.peer);
+        span.record("user", key.user.as_str());
+        span.record("database", key.database.as_str());
+        span.record("target", self.session.target.name());
         if let Some(principal) = &info.principal {
             span.record("principal", principal.as_str());
         }
+        span.record("tls", info.tls);
         self.span = span;
     }
+}
+
+/// The span of a client's log lines. Setup records the other fields as it learns them;
+/// a client woken from parking gets them all at once ([`Client::span_again`]).
+fn client_span(peer: SocketAddr) -> tracing::Span {
+    info_span!(
+        "client",
+        %peer,
+        user = tracing::field::Empty,
+        database = tracing::field::Empty,
+        target = tracing::field::Empty,
+        principal = tracing::field::Empty,
+        tls = tracing::field::Empty
+    )
 }
 
 /// Serves one accepted client connection until it closes (or parks: then a new task takes
@@ -197,15 +207,7 @@ impl Client {
 /// thread that runs it: the accept loop's thread, with an arena of its own, only allocates
 /// the task.
 pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, admission: Admission) {
-    let span = info_span!(
-        "client",
-        %peer,
-        user = tracing::field::Empty,
-        database = tracing::field::Empty,
-        target = tracing::field::Empty,
-        principal = tracing::field::Empty,
-        tls = tracing::field::Empty
-    );
+    let span = client_span(peer);
     // Boxed, like every large step: a task's allocation is the size of its whole future,
     // and a client between transactions should not pay for the handshake's state.
     let setup = Box::pin(setup(app, tcp, peer, admission, span.clone()).instrument(span.clone()));
