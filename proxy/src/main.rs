@@ -85,16 +85,11 @@ fn main() -> ExitCode {
     init_logging(&cli);
     let log_format = cli.log_format;
     let result = match cli.command {
-        // The configuration comes first: it sizes the runtime.
-        Command::Run { config } => {
-            Config::load(&config)
-                .map_err(anyhow::Error::from)
-                .and_then(|loaded| {
-                    pgwarden::runtime::build(loaded.server.worker_threads)?
-                        .block_on(run(loaded, config))
-                })
-        }
-        command => pgwarden::runtime::build(0).and_then(|runtime| {
+        // The configuration comes first: it says how many worker threads to start.
+        Command::Run { config } => Config::load(&config)
+            .map_err(anyhow::Error::from)
+            .and_then(|loaded| pgwarden::runtime::build()?.block_on(run(loaded, config))),
+        command => pgwarden::runtime::build().and_then(|runtime| {
             runtime.block_on(async {
                 match command {
                     Command::Run { .. } => unreachable!("handled above"),

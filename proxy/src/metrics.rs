@@ -72,6 +72,8 @@ pub struct Metrics {
     pub backend_setups: IntCounterVec,
     /// Backend connections closed, by target and reason.
     pub backend_closed: IntCounterVec,
+    /// Backend connections moved to another worker thread's reactor, by target.
+    pub backend_moves: IntCounterVec,
     /// Time clients waited for a backend, by target.
     pub borrow_seconds: HistogramVec,
     /// Borrows that ended in a timeout (SQLSTATE 53300), by target.
@@ -293,6 +295,11 @@ impl Metrics {
                 "pgwarden_backend_connections_closed_total",
                 "Backend connections closed, by reason",
                 &["target", "reason"],
+            ),
+            backend_moves: counter_vec(
+                "pgwarden_backend_moves_total",
+                "Backend connections moved to the worker thread of the client that borrowed them",
+                &["target"],
             ),
             borrow_seconds: register(
                 r,

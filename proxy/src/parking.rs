@@ -32,8 +32,8 @@ struct Shared {
     registry: mio::Registry,
     waker: Waker,
     state: Mutex<State>,
-    /// Where woken clients get their new task.
-    runtime: tokio::runtime::Handle,
+    /// Where woken clients get their new task: the worker threads' runtimes, in turn.
+    runtimes: Mutex<Runtimes>,
     metrics: ParkingMetrics,
 }
 
@@ -47,6 +47,11 @@ pub struct ParkingMetrics {
     pub trims: IntCounter,
 }
 
+struct Runtimes {
+    handles: Vec<tokio::runtime::Handle>,
+    next: usize,
+}
+
 #[derive(Default)]
 struct State {
     clients: HashMap<usize, Box<Client>>,
@@ -58,15 +63,18 @@ struct State {
 }
 
 impl ParkingLot {
-    /// Starts the thread that watches parked clients. Must be called inside the runtime
-    /// that is to serve them again.
+    /// Starts the thread that watches parked clients. Must be called inside a runtime:
+    /// woken clients are served there until [`ParkingLot::resume_on`] says otherwise.
     pub fn start(metrics: ParkingMetrics) -> io::Result<Self> {
         let poll = Poll::new()?;
         let shared = Arc::new(Shared {
             registry: poll.registry().try_clone()?,
             waker: Waker::new(poll.registry(), WAKER)?,
             state: Mutex::default(),
-            runtime: tokio::runtime::Handle::current(),
+            runtimes: Mutex::new(Runtimes {
+                handles: vec![tokio::runtime::Handle::current()],
+                next: 0,
+            }),
             metrics,
         });
         let watcher = shared.clone();
@@ -120,6 +128,19 @@ impl ParkingLot {
         Ok(())
     }
 
+    /// Spreads woken clients over these runtimes, one after the other: a client parked by one
+    /// worker thread may wake on another, which keeps the threads' shares even as clients
+    /// come and go.
+    pub fn resume_on(&self, handles: Vec<tokio::runtime::Handle>) {
+        if !handles.is_empty() {
+            *self
+                .shared
+                .runtimes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Runtimes { handles, next: 0 };
+        }
+    }
+
     /// Releases every parked client (they find pgwarden shutting down) and parks no more.
     pub fn close(&self) {
         self.shared.lock().closed = true;
@@ -140,7 +161,13 @@ impl Shared {
             let _ = self.registry.deregister(&mut SourceFd(&fd));
         }
         self.metrics.parked.dec();
-        self.runtime.spawn(crate::session::resume(client));
+        let runtime = {
+            let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
+            let i = runtimes.next % runtimes.handles.len();
+            runtimes.next = i + 1;
+            runtimes.handles[i].clone()
+        };
+        runtime.spawn(crate::session::resume(client));
     }
 }
 

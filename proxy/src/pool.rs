@@ -70,6 +70,8 @@ pub enum BorrowError {
     CredentialsUnavailable(String),
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    #[error("a backend connection could not move to this worker thread: {0}")]
+    Move(std::io::Error),
 }
 
 /// A database endpoint: its config, credentials, target-wide limits and pools.
@@ -232,6 +234,7 @@ impl Target {
                         .metrics
                         .borrow_seconds
                         .with_label_values(&[self.name()]),
+                    moves: self.metrics.backend_moves.with_label_values(&[self.name()]),
                     target: self.clone(),
                     key,
                     state: Mutex::new(PoolState::default()),
@@ -430,12 +433,34 @@ struct PoolState {
     open: usize,
     /// Clients waiting for a connection, first come first served. Waiters that left stay
     /// until `hand_off` skips them or a prune removes them.
-    waiters: VecDeque<oneshot::Sender<Grant>>,
+    waiters: VecDeque<Waiter>,
     /// Queue length at which the next enqueue prunes waiters that left. Doubling it after
     /// each prune keeps enqueueing O(1) amortized: scanning the queue on every enqueue cost
     /// O(clients) per transaction, which halved throughput at 10,000 clients.
     prune_at: usize,
 }
+
+/// A client waiting for a connection.
+struct Waiter {
+    grant: oneshot::Sender<Grant>,
+    /// The worker thread it runs on.
+    worker: usize,
+    since: Instant,
+}
+
+impl Waiter {
+    fn left(&self) -> bool {
+        self.grant.is_closed()
+    }
+}
+
+/// While no client has waited this long, a returned connection goes to the longest waiter
+/// on the returning client's worker thread rather than to the longest waiter of all: it
+/// then stays on its thread's reactor and wakes no other thread. Past it, strict FIFO.
+const SAME_THREAD_FIRST_FOR: Duration = Duration::from_millis(2);
+
+/// How far into the queue a waiter on the same thread is looked for.
+const SAME_THREAD_SEARCH: usize = 64;
 
 /// Smallest queue length worth pruning.
 const MIN_PRUNE_AT: usize = 64;
@@ -445,6 +470,8 @@ pub struct Pool {
     target: Arc<Target>,
     /// `pgwarden_borrow_duration_seconds{target}`, looked up once (it is hit per transaction).
     borrow_seconds: prometheus::Histogram,
+    /// `pgwarden_backend_moves_total{target}`, looked up once.
+    moves: prometheus::IntCounter,
     pub key: PoolKey,
     state: Mutex<PoolState>,
     /// ParameterStatus values of the first login, sent to clients at startup.
@@ -498,15 +525,45 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Offers `grant` to the waiters in order; returns it if nobody is waiting any more.
+/// Offers `grant` to the waiters (see [`next_waiter`]); returns it if nobody is waiting any
+/// more.
 fn hand_off(state: &mut PoolState, mut grant: Grant) -> Option<Grant> {
-    while let Some(waiter) = state.waiters.pop_front() {
-        match waiter.send(grant) {
+    let here = crate::runtime::current_worker();
+    let now = Instant::now();
+    loop {
+        while state.waiters.front().is_some_and(Waiter::left) {
+            state.waiters.pop_front();
+        }
+        if state.waiters.is_empty() {
+            return Some(grant);
+        }
+        let next = next_waiter(&state.waiters, here, now);
+        let waiter = state
+            .waiters
+            .remove(next)
+            .expect("next_waiter is in the queue");
+        match waiter.grant.send(grant) {
             Ok(()) => return None,
             Err(returned) => grant = returned,
         }
     }
-    Some(grant)
+}
+
+/// Which waiter a connection returned on worker thread `here` goes to: the longest waiter
+/// on the same thread, unless the longest waiter of all (the front, still there) has waited
+/// [`SAME_THREAD_FIRST_FOR`]; then the front.
+fn next_waiter(waiters: &VecDeque<Waiter>, here: usize, now: Instant) -> usize {
+    let Some(front) = waiters.front() else {
+        return 0;
+    };
+    if now.duration_since(front.since) >= SAME_THREAD_FIRST_FOR {
+        return 0;
+    }
+    waiters
+        .iter()
+        .take(SAME_THREAD_SEARCH)
+        .position(|w| w.worker == here && !w.left())
+        .unwrap_or(0)
 }
 
 impl Pool {
@@ -519,7 +576,7 @@ impl Pool {
         PoolStats {
             open: st.open,
             idle: st.idle.len(),
-            waiting: st.waiters.iter().filter(|w| !w.is_closed()).count(),
+            waiting: st.waiters.iter().filter(|w| !w.left()).count(),
         }
     }
 
@@ -641,6 +698,15 @@ impl Pool {
             Step::Wait(rx) => self.wait(rx, started, deadline).await?,
             Step::QueueFull => return Err(self.queue_full_error()),
         };
+        match conn.move_to_this_worker() {
+            Ok(false) => {}
+            Ok(true) => self.moves.inc(),
+            Err(e) => {
+                // The socket left its reactor and could not join this one: it is lost.
+                self.target.count_closed("move_failed");
+                return Err(BorrowError::Move(e));
+            }
+        }
         conn.set_idle(false);
         self.observe_borrow(started);
         Ok(conn)
@@ -652,7 +718,13 @@ impl Pool {
     fn take_or_queue(self: &Arc<Self>, now: Instant) -> (Step, Vec<Box<BackendConn>>) {
         let mut discard = Vec::new();
         let mut st = lock(&self.state);
-        while let Some(mut conn) = st.idle.pop() {
+        let here = crate::runtime::current_worker();
+        while !st.idle.is_empty() {
+            // The most recently returned connection of this worker thread, if it has one:
+            // it needs no move to another thread's reactor.
+            let newest = st.idle.len() - 1;
+            let pick = st.idle.iter().rposition(|c| c.worker == here);
+            let mut conn = st.idle.remove(pick.unwrap_or(newest));
             if conn.is_expired(now) || conn.is_broken() {
                 discard.push(conn);
             } else {
@@ -670,17 +742,21 @@ impl Pool {
         }
         let max_waiting = config.max_waiting_clients;
         if max_waiting > 0 && st.waiters.len() >= max_waiting {
-            st.waiters.retain(|w| !w.is_closed());
+            st.waiters.retain(|w| !w.left());
             if st.waiters.len() >= max_waiting {
                 return (Step::QueueFull, discard);
             }
         }
         let (tx, rx) = oneshot::channel();
         if st.waiters.len() >= st.prune_at {
-            st.waiters.retain(|w| !w.is_closed());
+            st.waiters.retain(|w| !w.left());
             st.prune_at = (2 * st.waiters.len()).max(MIN_PRUNE_AT);
         }
-        st.waiters.push_back(tx);
+        st.waiters.push_back(Waiter {
+            grant: tx,
+            worker: crate::runtime::current_worker(),
+            since: now,
+        });
         (Step::Wait(rx), discard)
     }
 
@@ -957,5 +1033,51 @@ impl Pool {
     pub fn discard(&self, conn: Box<BackendConn>, reason: &str) {
         self.target.count_closed(reason);
         drop(conn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiter(worker: usize, since: Instant) -> (Waiter, oneshot::Receiver<Grant>) {
+        let (grant, rx) = oneshot::channel();
+        (
+            Waiter {
+                grant,
+                worker,
+                since,
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn a_returned_connection_prefers_a_waiter_on_its_own_thread_until_someone_waited_too_long() {
+        let now = Instant::now();
+        let (a, _a) = waiter(1, now);
+        let (b, b_rx) = waiter(2, now);
+        let (c, _c) = waiter(2, now);
+        let mut waiters = VecDeque::from([a, b, c]);
+        assert_eq!(next_waiter(&waiters, 1, now), 0, "the front is on thread 1");
+        assert_eq!(next_waiter(&waiters, 2, now), 1, "the first on thread 2");
+        assert_eq!(
+            next_waiter(&waiters, 3, now),
+            0,
+            "none on thread 3: the front"
+        );
+        assert_eq!(
+            next_waiter(&waiters, 2, now + SAME_THREAD_FIRST_FOR),
+            0,
+            "the front has waited long enough: strict order"
+        );
+        drop(b_rx);
+        assert_eq!(
+            next_waiter(&waiters, 2, now),
+            2,
+            "a waiter that left is skipped"
+        );
+        waiters.clear();
+        assert_eq!(next_waiter(&waiters, 2, now), 0);
     }
 }

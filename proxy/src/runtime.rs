@@ -1,40 +1,93 @@
-//! The async runtime pgwarden serves clients on, sized by `server.worker_threads`.
+//! The threads pgwarden serves clients on, `server.worker_threads` of them. Each worker
+//! thread runs a tokio current-thread runtime of its own; the listener on `block_on`'s
+//! thread hands each new client to one, and the client stays there, so no thread wakes
+//! another on its behalf (tokio's multi-threaded workers steal tasks and wake each other to
+//! do so). With one worker, `block_on`'s thread serves the clients itself. See
+//! docs/architecture.md, "Threads".
+
+use std::cell::Cell;
+use std::future::Future;
 
 use anyhow::Context;
-use tokio::runtime::{Builder, Runtime};
+use tokio::runtime::{Builder, Handle, Runtime};
 
-/// Builds the runtime for `worker_threads` threads (`0`: one per CPU available to the
-/// process, as cgroup limits allow). One thread gets tokio's current-thread runtime, not a
-/// multi-threaded one with a single worker: there the listener would still run on its own
-/// thread and wake the worker for every new client.
-pub fn build(worker_threads: usize) -> anyhow::Result<Runtime> {
-    let threads = match worker_threads {
+thread_local! {
+    /// The worker this thread is: 1 and up on worker threads, 0 on any other thread
+    /// (`block_on`'s, which serves the clients itself when there is one worker).
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// How many worker threads `worker_threads` means (`0`: one per CPU available to the
+/// process, as cgroup limits allow).
+pub fn worker_count(worker_threads: usize) -> usize {
+    match worker_threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
-    };
-    let mut builder = if threads == 1 {
-        Builder::new_current_thread()
-    } else {
-        let mut builder = Builder::new_multi_thread();
-        builder.worker_threads(threads);
-        builder
-    };
-    builder
+    }
+}
+
+/// The runtime of `block_on`'s thread: the listener and the background work, and every
+/// client when there is one worker.
+pub fn build() -> anyhow::Result<Runtime> {
+    Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")
 }
 
+/// The worker thread the caller runs on.
+pub fn current_worker() -> usize {
+    WORKER.with(Cell::get)
+}
+
+/// A worker thread started by [`start_worker`].
+pub struct Worker {
+    pub handle: Handle,
+    pub thread: std::thread::JoinHandle<()>,
+}
+
+/// Starts worker thread `index` (1 and up) running `main` on a runtime of its own; the
+/// thread ends when `main` does, dropping the tasks still on it.
+pub fn start_worker<F>(index: usize, main: F) -> anyhow::Result<Worker>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let runtime = build()?;
+    let handle = runtime.handle().clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("pgwarden-worker-{index}"))
+        .spawn(move || {
+            WORKER.with(|w| w.set(index));
+            runtime.block_on(main);
+        })
+        .context("cannot start a worker thread")?;
+    Ok(Worker { handle, thread })
+}
+
 #[cfg(test)]
 mod tests {
-    use tokio::runtime::RuntimeFlavor;
+    #[test]
+    fn zero_workers_means_one_per_cpu() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(super::worker_count(0), cpus);
+        assert_eq!(super::worker_count(3), 3);
+    }
 
     #[test]
-    fn one_thread_is_the_current_thread_runtime_and_more_are_workers() {
-        let one = super::build(1).expect("runtime");
-        assert_eq!(one.handle().runtime_flavor(), RuntimeFlavor::CurrentThread);
-        let three = super::build(3).expect("runtime");
-        assert_eq!(three.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
-        assert_eq!(three.metrics().num_workers(), 3);
+    fn a_worker_knows_its_index_and_runs_on_its_own_runtime() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = super::start_worker(2, async move {
+            tx.send((
+                super::current_worker(),
+                tokio::runtime::Handle::current().id(),
+            ))
+            .expect("receiver");
+        })
+        .expect("worker");
+        let (index, runtime) = rx.recv().expect("the worker ran");
+        assert_eq!(index, 2);
+        assert_eq!(runtime, worker.handle.id());
+        worker.thread.join().expect("no panic");
+        assert_eq!(super::current_worker(), 0);
     }
 }

@@ -1,6 +1,7 @@
 //! A client or backend connection that is plain TCP or TLS over TCP, behind one
 //! AsyncRead + AsyncWrite type, so sessions and the relay do not care which; and the
-//! client's socket, which can leave tokio's reactor while the client is parked.
+//! socket under it, which can leave tokio's reactor: a client's while it is parked, a
+//! backend's when a client on another worker thread borrows it.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -18,58 +19,66 @@ pub enum MaybeTls<S, T> {
 }
 
 /// A client's connection.
-pub type ClientStream = MaybeTls<ClientSocket, tokio_rustls::server::TlsStream<ClientSocket>>;
+pub type ClientStream = MaybeTls<Socket, tokio_rustls::server::TlsStream<Socket>>;
 /// A backend connection.
-pub type BackendStream = MaybeTls<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+pub type BackendStream = MaybeTls<Socket, tokio_rustls::client::TlsStream<Socket>>;
 
-/// A client's TCP socket: registered with tokio while a task serves the client, a plain
-/// file descriptor while the client is parked (see `parking.rs`). Under TLS it is the
-/// transport the TLS session wraps, so a TLS client parks without losing its session.
-pub enum ClientSocket {
+/// A TCP socket that can leave tokio's reactor and join another: registered with the
+/// reactor of the worker thread serving it, a plain file descriptor while its client is
+/// parked (see `parking.rs`). Under TLS it is the transport the TLS session wraps, so the
+/// session survives the move.
+pub enum Socket {
     Live(TcpStream),
     Parked(std::net::TcpStream),
     /// Only between the two states above.
     Moving,
 }
 
-impl ClientSocket {
+impl Socket {
     /// Deregisters the socket from tokio; returns its descriptor for another poller.
     pub fn park(&mut self) -> io::Result<RawFd> {
-        let ClientSocket::Live(tcp) = std::mem::replace(self, ClientSocket::Moving) else {
+        let Socket::Live(tcp) = std::mem::replace(self, Socket::Moving) else {
             return Err(io::Error::other("client socket is not live"));
         };
         let std = tcp.into_std()?;
         let fd = std.as_raw_fd();
-        *self = ClientSocket::Parked(std);
+        *self = Socket::Parked(std);
         Ok(fd)
     }
 
     /// Registers a parked socket with tokio again. Must run inside the runtime.
     pub fn unpark(&mut self) -> io::Result<()> {
-        let ClientSocket::Parked(std) = std::mem::replace(self, ClientSocket::Moving) else {
+        let Socket::Parked(std) = std::mem::replace(self, Socket::Moving) else {
             return Err(io::Error::other("client socket is not parked"));
         };
-        *self = ClientSocket::Live(TcpStream::from_std(std)?);
+        *self = Socket::Live(TcpStream::from_std(std)?);
         Ok(())
+    }
+
+    /// Moves a live socket to the reactor of the calling thread's runtime (each worker
+    /// thread has its own: see `runtime.rs`).
+    pub fn move_here(&mut self) -> io::Result<()> {
+        self.park()?;
+        self.unpark()
     }
 
     /// The descriptor of a parked socket.
     pub fn parked_fd(&self) -> Option<RawFd> {
         match self {
-            ClientSocket::Parked(std) => Some(std.as_raw_fd()),
+            Socket::Parked(std) => Some(std.as_raw_fd()),
             _ => None,
         }
     }
 
     fn live(&mut self) -> io::Result<&mut TcpStream> {
         match self {
-            ClientSocket::Live(tcp) => Ok(tcp),
+            Socket::Live(tcp) => Ok(tcp),
             _ => Err(io::Error::from(io::ErrorKind::NotConnected)),
         }
     }
 }
 
-impl AsyncRead for ClientSocket {
+impl AsyncRead for Socket {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -82,7 +91,7 @@ impl AsyncRead for ClientSocket {
     }
 }
 
-impl AsyncWrite for ClientSocket {
+impl AsyncWrite for Socket {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -126,22 +135,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin, T: AsyncRead + AsyncWrite + Unpin> Maybe
 }
 
 impl BackendStream {
+    pub fn socket_mut(&mut self) -> &mut Socket {
+        match self {
+            MaybeTls::Plain(s) => s,
+            MaybeTls::Tls(s) => s.get_mut().0,
+        }
+    }
+
     /// Whether input (or the end of the stream) may have arrived since a read last drained
     /// the socket. `false` is known from the reactor's readiness, without a system call:
     /// epoll marks the socket readable when anything arrives, waiting task or not. Under
     /// TLS plaintext may sit decrypted in the session, so the answer is always `true`.
     pub fn may_be_readable(&self) -> bool {
         match self {
-            MaybeTls::Plain(tcp) => tcp
+            MaybeTls::Plain(Socket::Live(tcp)) => tcp
                 .poll_read_ready(&mut Context::from_waker(Waker::noop()))
                 .is_ready(),
-            MaybeTls::Tls(_) => true,
+            MaybeTls::Plain(_) | MaybeTls::Tls(_) => true,
         }
     }
 }
 
 impl ClientStream {
-    pub fn socket_mut(&mut self) -> &mut ClientSocket {
+    pub fn socket_mut(&mut self) -> &mut Socket {
         match self {
             MaybeTls::Plain(s) => s,
             MaybeTls::Tls(s) => s.get_mut().0,

@@ -209,32 +209,60 @@ async fn pgbench_extended_protocol_has_no_errors() {
     );
 }
 
-/// Threads of process `pid` that are tokio's multi-threaded workers (or its blocking pool,
-/// which takes the same name).
-fn tokio_threads(pid: u32) -> usize {
+/// CPU ticks (user + system) of each thread of process `pid` named `name` (as `comm`
+/// shows it: cut to 15 bytes).
+fn thread_ticks(pid: u32, name: &str) -> Vec<u64> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .expect("list the process's threads")
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-        .filter(|name| name.trim() == "tokio-rt-worker")
-        .count()
+        .filter_map(|task| {
+            let path = task.ok()?.path();
+            let comm = std::fs::read_to_string(path.join("comm")).ok()?;
+            (comm.trim() == name).then_some(())?;
+            let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+            // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
+            let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split(' ').collect();
+            Some(fields[11].parse::<u64>().ok()? + fields[12].parse::<u64>().ok()?)
+        })
+        .collect()
 }
 
+const WORKER_THREAD: &str = "pgwarden-worker";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_worker_thread_serves_the_load_on_a_single_thread_and_stops_cleanly() {
+async fn worker_threads_share_the_clients_and_the_pool_and_one_thread_serves_alone() {
     let cluster = PgCluster::start();
     let single = |user: &str| PgwardenOptions {
         users: vec![(user.to_owned(), format!("{user}-pw"))],
         ..PgwardenOptions::default()
     };
+    // One backend connection for two worker threads: clients of both must borrow it, so
+    // it moves between the threads' reactors.
     let two = Pgwarden::start(
         &cluster,
         PgwardenOptions {
             extra_server_toml: "worker_threads = 2\n".to_owned(),
-            ..single("two")
+            pool_size: 1,
+            ..single("app")
         },
     )
     .await;
-    assert_eq!(tokio_threads(two.pid()), 2, "worker_threads = 2");
+    let init = two.pgbench(&["-i", "-s", "1"]).await;
+    assert_success(&init, &two, "pgbench -i -s 1 through pgwarden");
+    let run = two.pgbench(&["-S", "-c", "8", "-j", "2", "-T", "3"]).await;
+    let text = assert_success(&run, &two, "pgbench -S -c 8 through two worker threads");
+    assert_eq!(reported(&text, "number of failed transactions"), 0);
+    assert!(reported(&text, "number of transactions actually processed") > 0);
+    let ticks = thread_ticks(two.pid(), WORKER_THREAD);
+    assert_eq!(ticks.len(), 2, "worker_threads = 2: {ticks:?}");
+    assert!(
+        ticks.iter().all(|&t| t > 0),
+        "both worker threads served clients: CPU ticks {ticks:?}"
+    );
+    let metrics = two.metrics().await;
+    assert!(
+        metric_sum(&metrics, "pgwarden_backend_moves_total").is_some_and(|n| n > 0.0),
+        "the one backend connection never moved between worker threads:\n{metrics}"
+    );
     drop(two);
 
     let mut pgwarden = Pgwarden::start(
@@ -246,7 +274,7 @@ async fn one_worker_thread_serves_the_load_on_a_single_thread_and_stops_cleanly(
     )
     .await;
     assert_eq!(
-        tokio_threads(pgwarden.pid()),
+        thread_ticks(pgwarden.pid(), WORKER_THREAD).len(),
         0,
         "worker_threads = 1 runs the listener, clients and reactor on the main thread"
     );

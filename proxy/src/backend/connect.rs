@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::TargetConfig;
-use crate::stream::BackendStream;
+use crate::stream::{BackendStream, Socket};
 use crate::tls::BackendTlsMode;
 
 /// Largest message accepted from a backend during login.
@@ -116,7 +116,7 @@ async fn open(
     tcp.set_nodelay(true).map_err(io_error)?;
     let addr = tcp.peer_addr().map_err(io_error)?;
     let Some(connector) = connector else {
-        return Ok((BackendStream::Plain(tcp), addr));
+        return Ok((BackendStream::Plain(Socket::Live(tcp)), addr));
     };
     let mut request = BytesMut::with_capacity(8);
     request.extend_from_slice(&8u32.to_be_bytes());
@@ -128,12 +128,12 @@ async fn open(
             let name = crate::tls::server_name(host)
                 .map_err(|e| ConnectError::Tls(std::io::Error::other(e)))?;
             let tls = connector
-                .connect(name, tcp)
+                .connect(name, Socket::Live(tcp))
                 .await
                 .map_err(ConnectError::Tls)?;
             Ok((BackendStream::Tls(Box::new(tls)), addr))
         }
-        (b'N', BackendTlsMode::Prefer) => Ok((BackendStream::Plain(tcp), addr)),
+        (b'N', BackendTlsMode::Prefer) => Ok((BackendStream::Plain(Socket::Live(tcp)), addr)),
         (b'N', mode) => Err(ConnectError::TlsRefused(mode)),
         _ => Err(ProtocolError::Malformed("answer to SSLRequest").into()),
     }

@@ -38,6 +38,8 @@ pub struct BackendConn {
     pub settings: crate::session::settings::Signature,
     /// Named statements prepared on this backend (transaction mode).
     pub statements: crate::session::statements::BackendStatements,
+    /// The worker thread whose reactor the socket is registered with.
+    pub worker: usize,
     /// The pool slot; dropping the connection frees it.
     _slot: Slot,
     /// A share of the target's `max_backend_connections`.
@@ -80,6 +82,7 @@ impl BackendConn {
             to_client: BytesMut::new(),
             statements: Default::default(),
             settings: crate::session::settings::defaults(),
+            worker: crate::runtime::current_worker(),
             _slot: slot,
             _capacity: capacity,
             idle: false,
@@ -94,6 +97,18 @@ impl BackendConn {
         } else {
             &self.borrowed_gauge
         }
+    }
+
+    /// Registers the socket with the calling worker thread's reactor, if it is with another
+    /// one's: its readiness then wakes this thread directly. Returns whether it moved.
+    pub fn move_to_this_worker(&mut self) -> std::io::Result<bool> {
+        let here = crate::runtime::current_worker();
+        if self.worker == here {
+            return Ok(false);
+        }
+        self.stream.socket_mut().move_here()?;
+        self.worker = here;
+        Ok(true)
     }
 
     /// Moves the connection between the idle and borrowed gauges.

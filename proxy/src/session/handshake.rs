@@ -7,7 +7,7 @@ use pgwarden_protocol::ProtocolError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::stream::{ClientSocket, ClientStream};
+use crate::stream::{ClientStream, Socket};
 use crate::tls::ServerTls;
 
 /// What a new connection wants.
@@ -45,7 +45,7 @@ pub async fn handshake(
     tls: Option<&ServerTls>,
     deadline: tokio::time::Instant,
 ) -> Result<Negotiated, (Option<ClientStream>, HandshakeError)> {
-    let mut stream = ClientStream::Plain(ClientSocket::Live(tcp));
+    let mut stream = ClientStream::Plain(Socket::Live(tcp));
     let mut asked_ssl = false;
     let mut asked_gss = false;
     loop {

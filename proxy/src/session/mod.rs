@@ -399,10 +399,9 @@ impl Failure {
                 ErrorReport::fatal(sqlstate::TOO_MANY_CONNECTIONS, e.to_string())
                     .with_hint("the target's max_waiting_clients is reached; retry later"),
             ),
-            e @ BorrowError::CredentialsUnavailable(_) => Failure::Report(ErrorReport::fatal(
-                sqlstate::CONNECTION_FAILURE,
-                e.to_string(),
-            )),
+            e @ (BorrowError::CredentialsUnavailable(_) | BorrowError::Move(_)) => Failure::Report(
+                ErrorReport::fatal(sqlstate::CONNECTION_FAILURE, e.to_string()),
+            ),
             e @ BorrowError::UnknownUser(_) => Failure::Report(ErrorReport::fatal(
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                 e.to_string(),
