@@ -454,9 +454,10 @@ impl Waiter {
     }
 }
 
-/// While no client has waited this long, a returned connection goes to the longest waiter
-/// on the returning client's worker thread rather than to the longest waiter of all: it
-/// then stays on its thread's reactor and wakes no other thread. Past it, strict FIFO.
+/// A returned connection goes to the longest waiter on the returning client's worker thread
+/// rather than to the longest waiter of all if it queued less than this after that one: the
+/// connection then stays on its thread's reactor and wakes no other thread, and nobody is
+/// overtaken by a client that queued more than this later.
 const SAME_THREAD_FIRST_FOR: Duration = Duration::from_millis(2);
 
 /// How far into the queue a waiter on the same thread is looked for.
@@ -529,7 +530,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// more.
 fn hand_off(state: &mut PoolState, mut grant: Grant) -> Option<Grant> {
     let here = crate::runtime::current_worker();
-    let now = Instant::now();
     loop {
         while state.waiters.front().is_some_and(Waiter::left) {
             state.waiters.pop_front();
@@ -537,7 +537,7 @@ fn hand_off(state: &mut PoolState, mut grant: Grant) -> Option<Grant> {
         if state.waiters.is_empty() {
             return Some(grant);
         }
-        let next = next_waiter(&state.waiters, here, now);
+        let next = next_waiter(&state.waiters, here);
         let waiter = state
             .waiters
             .remove(next)
@@ -550,19 +550,17 @@ fn hand_off(state: &mut PoolState, mut grant: Grant) -> Option<Grant> {
 }
 
 /// Which waiter a connection returned on worker thread `here` goes to: the longest waiter
-/// on the same thread, unless the longest waiter of all (the front, still there) has waited
-/// [`SAME_THREAD_FIRST_FOR`]; then the front.
-fn next_waiter(waiters: &VecDeque<Waiter>, here: usize, now: Instant) -> usize {
+/// on the same thread, if it queued less than [`SAME_THREAD_FIRST_FOR`] after the longest
+/// waiter of all (the front, still there); otherwise the front.
+fn next_waiter(waiters: &VecDeque<Waiter>, here: usize) -> usize {
     let Some(front) = waiters.front() else {
         return 0;
     };
-    if now.duration_since(front.since) >= SAME_THREAD_FIRST_FOR {
-        return 0;
-    }
     waiters
         .iter()
         .take(SAME_THREAD_SEARCH)
         .position(|w| w.worker == here && !w.left())
+        .filter(|&i| waiters[i].since.duration_since(front.since) < SAME_THREAD_FIRST_FOR)
         .unwrap_or(0)
 }
 
@@ -1053,31 +1051,24 @@ mod tests {
     }
 
     #[test]
-    fn a_returned_connection_prefers_a_waiter_on_its_own_thread_until_someone_waited_too_long() {
+    fn a_returned_connection_prefers_a_waiter_on_its_own_thread_that_queued_about_as_early() {
         let now = Instant::now();
         let (a, _a) = waiter(1, now);
-        let (b, b_rx) = waiter(2, now);
-        let (c, _c) = waiter(2, now);
-        let mut waiters = VecDeque::from([a, b, c]);
-        assert_eq!(next_waiter(&waiters, 1, now), 0, "the front is on thread 1");
-        assert_eq!(next_waiter(&waiters, 2, now), 1, "the first on thread 2");
+        let (b, b_rx) = waiter(2, now + SAME_THREAD_FIRST_FOR / 2);
+        let (c, _c) = waiter(2, now + SAME_THREAD_FIRST_FOR / 2);
+        let (d, _d) = waiter(3, now + SAME_THREAD_FIRST_FOR);
+        let mut waiters = VecDeque::from([a, b, c, d]);
+        assert_eq!(next_waiter(&waiters, 1), 0, "the front is on thread 1");
+        assert_eq!(next_waiter(&waiters, 2), 1, "the first on thread 2");
+        assert_eq!(next_waiter(&waiters, 4), 0, "none on thread 4: the front");
         assert_eq!(
-            next_waiter(&waiters, 3, now),
+            next_waiter(&waiters, 3),
             0,
-            "none on thread 3: the front"
-        );
-        assert_eq!(
-            next_waiter(&waiters, 2, now + SAME_THREAD_FIRST_FOR),
-            0,
-            "the front has waited long enough: strict order"
+            "thread 3's waiter queued too long after the front: strict order"
         );
         drop(b_rx);
-        assert_eq!(
-            next_waiter(&waiters, 2, now),
-            2,
-            "a waiter that left is skipped"
-        );
+        assert_eq!(next_waiter(&waiters, 2), 2, "a waiter that left is skipped");
         waiters.clear();
-        assert_eq!(next_waiter(&waiters, 2, now), 0);
+        assert_eq!(next_waiter(&waiters, 2), 0);
     }
 }
