@@ -431,8 +431,9 @@ struct PoolState {
     #[allow(clippy::vec_box)]
     idle: Vec<Box<BackendConn>>,
     open: usize,
-    /// Clients waiting for a connection, first come first served. Waiters that left stay
-    /// until `hand_off` skips them or a prune removes them.
+    /// Clients waiting for a connection, in arrival order (served so, with the bounded
+    /// preference of [`next_waiter`]). Waiters that left stay until `hand_off` skips them
+    /// or a prune removes them.
     waiters: VecDeque<Waiter>,
     /// Queue length at which the next enqueue prunes waiters that left. Doubling it after
     /// each prune keeps enqueueing O(1) amortized: scanning the queue on every enqueue cost
