@@ -38,7 +38,7 @@ impl Socket {
     /// Deregisters the socket from tokio; returns its descriptor for another poller.
     pub fn park(&mut self) -> io::Result<RawFd> {
         let Socket::Live(tcp) = std::mem::replace(self, Socket::Moving) else {
-            return Err(io::Error::other("client socket is not live"));
+            return Err(io::Error::other("socket is not live"));
         };
         let std = tcp.into_std()?;
         let fd = std.as_raw_fd();
@@ -49,7 +49,7 @@ impl Socket {
     /// Registers a parked socket with tokio again. Must run inside the runtime.
     pub fn unpark(&mut self) -> io::Result<()> {
         let Socket::Parked(std) = std::mem::replace(self, Socket::Moving) else {
-            return Err(io::Error::other("client socket is not parked"));
+            return Err(io::Error::other("socket is not parked"));
         };
         *self = Socket::Live(TcpStream::from_std(std)?);
         Ok(())
