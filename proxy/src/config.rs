@@ -156,9 +156,9 @@ pub struct ServerConfig {
     /// and a one-second retransmit. Default `4096`.
     #[serde(default = "defaults::listen_backlog")]
     pub listen_backlog: u32,
-    /// Threads serving clients. `0`: one per CPU available to pgwarden. With one, the
-    /// runtime is single-threaded: the listener, every client and the reactor share that
-    /// thread, as in PgBouncer, and no thread wakes another. Default `0`.
+    /// Threads serving clients, each with an event loop of its own; the listener hands new
+    /// clients to them in turn. `0`: one per CPU available to pgwarden. With one, the
+    /// listener, every client and the reactor share one thread, as in PgBouncer. Default `0`.
     #[serde(default)]
     pub worker_threads: usize,
     /// Time a new client has to finish the startup and authentication phase. Default `10s`.
