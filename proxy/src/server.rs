@@ -11,7 +11,7 @@ use pgwarden_protocol::sqlstate;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::admin;
 use crate::app::App;
@@ -128,9 +128,7 @@ impl Server {
                         .handle
                         .spawn(serve_moved(app.clone(), socket, peer, admission));
                 }
-                Err(e) => {
-                    debug!(error = %e, "a new client's socket could not leave the listener's reactor")
-                }
+                Err(e) => client_lost_in_hand_off(&app, &e),
             }
         }
         sessions.close();
@@ -199,8 +197,17 @@ async fn serve_moved(
 ) {
     match TcpStream::from_std(socket) {
         Ok(stream) => session::run(app, stream, peer, admission).await,
-        Err(e) => debug!(error = %e, "a new client's socket could not join its worker's reactor"),
+        Err(e) => client_lost_in_hand_off(&app, &e),
     }
+}
+
+/// A new client whose socket could not move to its worker's reactor: it is closed.
+fn client_lost_in_hand_off(app: &App, error: &std::io::Error) {
+    app.metrics
+        .client_setups
+        .with_label_values(&["failed"])
+        .inc();
+    warn!(error = %error, "a new client could not be handed to a worker thread: closed");
 }
 
 /// Pool and quota upkeep, every [`MAINTENANCE_INTERVAL`], over the targets in force.
