@@ -235,6 +235,15 @@ impl Target {
                         .borrow_seconds
                         .with_label_values(&[self.name()]),
                     moves: self.metrics.backend_moves.with_label_values(&[self.name()]),
+                    queries: self.metrics.queries.with_label_values(&[self.name()]),
+                    response_seconds: self
+                        .metrics
+                        .query_response_seconds
+                        .with_label_values(&[self.name()]),
+                    in_transaction: self
+                        .metrics
+                        .backend_in_transaction
+                        .with_label_values(&[self.name()]),
                     target: self.clone(),
                     key,
                     state: Mutex::new(PoolState::default()),
@@ -474,6 +483,13 @@ pub struct Pool {
     borrow_seconds: prometheus::Histogram,
     /// `pgwarden_backend_moves_total{target}`, looked up once.
     moves: prometheus::IntCounter,
+    /// `pgwarden_query_requests_total{target}`, looked up once: its clients count their
+    /// queries here (kept on the pool, not in each client's state).
+    pub queries: prometheus::IntCounter,
+    /// `pgwarden_query_response_duration_seconds{target}`, looked up once.
+    pub response_seconds: prometheus::Histogram,
+    /// `pgwarden_backend_connections_in_transaction{target}`, looked up once.
+    pub in_transaction: prometheus::IntGauge,
     pub key: PoolKey,
     state: Mutex<PoolState>,
     /// ParameterStatus values of the first login, sent to clients at startup.

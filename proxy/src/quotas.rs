@@ -68,7 +68,7 @@ pub struct Quotas {
 /// Held by an admitted client; gives its connections back when dropped.
 pub struct QuotaGuard {
     quotas: Arc<Quotas>,
-    keys: Vec<Key>,
+    keys: Box<[Key]>,
 }
 
 impl Drop for QuotaGuard {
@@ -124,7 +124,7 @@ impl Quotas {
         if applicable.is_empty() {
             return Ok(QuotaGuard {
                 quotas: self.clone(),
-                keys: Vec::new(),
+                keys: Box::default(),
             });
         }
         let mut counters = lock(&self.counters);

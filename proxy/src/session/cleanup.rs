@@ -30,7 +30,7 @@ pub async fn release_after_client(s: &Session, mut backend: Box<BackendConn>, tx
         return;
     }
     let rollback = tx.status != backend::IDLE || tx.unsynced;
-    let reset_query = s.target.config().reset_query.clone();
+    let reset_query = s.target().config().reset_query.clone();
     let reset = (s.pinned.is_some() || s.mode == PoolMode::Session)
         .then_some(reset_query.as_str())
         .filter(|q| !q.is_empty());

@@ -89,6 +89,8 @@ pub struct BackendSide<'a> {
     pub settings: &'a mut Signature,
     pub to_backend: &'a mut BytesMut,
     pub to_client: &'a mut BytesMut,
+    /// Message boundaries found in the current read, reused between reads of one round.
+    pub scan: Vec<Boundary>,
 }
 
 /// Walks `input` into `scan` (cleared first); stops before a whole message tagged `stop`.
@@ -149,7 +151,7 @@ pub fn process_client(
     side: &mut BackendSide<'_>,
     input: &[u8],
 ) -> Result<(usize, bool), ProtocolError> {
-    let mut scan = std::mem::take(&mut s.scan);
+    let mut scan = std::mem::take(&mut side.scan);
     let (consumed, stopped) = find_boundaries(
         &mut s.client_walker,
         input,
@@ -173,7 +175,7 @@ pub fn process_client(
         }
     }
     side.to_backend.extend_from_slice(&input[copied..consumed]);
-    s.scan = scan;
+    side.scan = scan;
     s.plan.flush_synthetic(side.to_client);
     Ok((consumed, stopped))
 }
@@ -196,7 +198,7 @@ fn request_sent(s: &mut Session, tx: &mut TxState) {
         tx.request_started = Some(std::time::Instant::now());
     }
     tx.pending += 1;
-    s.queries.inc();
+    s.pool.queries.inc();
 }
 
 /// Plans the answer to one client message and, when it must be rewritten or answered by
@@ -518,7 +520,7 @@ pub fn process_backend(
     side: &mut BackendSide<'_>,
     input: &[u8],
 ) -> Result<usize, ProtocolError> {
-    let mut scan = std::mem::take(&mut s.scan);
+    let mut scan = std::mem::take(&mut side.scan);
     // No backend message stops the walk (0 is not a message type).
     let (consumed, _) = find_boundaries(walker, input, backend_inspects, 0, &mut scan)?;
     let mut events = Vec::new();
@@ -548,9 +550,9 @@ pub fn process_backend(
                 let in_block = tx.status != backend::IDLE;
                 if in_block != was_in_block {
                     if in_block {
-                        s.in_transaction.inc();
+                        s.pool.in_transaction.inc();
                     } else {
-                        s.in_transaction.dec();
+                        s.pool.in_transaction.dec();
                     }
                 }
                 if was_in_block && tx.status == backend::IDLE && s.settings.has_deferred() {
@@ -560,7 +562,9 @@ pub fn process_backend(
                 tx.pending = tx.pending.saturating_sub(1);
                 if tx.pending == 0 {
                     if let Some(started) = tx.request_started.take() {
-                        s.response_seconds.observe(started.elapsed().as_secs_f64());
+                        s.pool
+                            .response_seconds
+                            .observe(started.elapsed().as_secs_f64());
                     }
                 }
                 tx.copy_in = false;
@@ -611,7 +615,7 @@ pub fn process_backend(
     if walker.at_boundary() {
         s.plan.flush_synthetic(side.to_client);
     }
-    s.scan = scan;
+    side.scan = scan;
     result.map(|()| consumed)
 }
 
@@ -711,7 +715,7 @@ pub fn answer_without_backend(s: &mut Session, cbuf: &mut BytesMut) -> Option<By
     }
     backend::ready_for_query(&mut answer, backend::IDLE);
     bytes::Buf::advance(cbuf, end);
-    s.queries.inc();
+    s.pool.queries.inc();
     Some(answer)
 }
 

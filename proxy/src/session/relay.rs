@@ -24,8 +24,8 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 use tracing::{debug, info};
 
+pub use super::messages::TxState;
 use super::messages::{answer_without_backend, process_backend, process_client, BackendSide};
-pub use super::messages::{Boundary, TxState};
 use super::plan::Expect;
 use super::{cleanup, Client, Failure, Session};
 use crate::backend::BackendConn;
@@ -92,14 +92,12 @@ pub fn serve(
                 Wait::Closed => break,
                 Wait::Park => {
                     client.session.release_scratch();
-                    let span = client.take_span();
                     let app = client.session.app.clone();
                     match app.parking.park(client) {
                         Ok(()) => return,
                         Err(back) => {
                             // Shutting down, or the socket would not move: wait here instead.
                             client = back;
-                            client.span = span;
                             may_park = false;
                             continue;
                         }
@@ -116,7 +114,14 @@ pub fn serve(
 
 fn disconnected(client: &Client) {
     info!(
-        duration_ms = client.connected.elapsed().as_millis() as u64,
+        duration_ms = client
+            .session
+            .cancel
+            .info()
+            .connected
+            .elapsed()
+            .unwrap_or_default()
+            .as_millis() as u64,
         pinned = client.session.pinned.map(|p| p.as_str()),
         "client disconnected"
     );
@@ -168,7 +173,7 @@ async fn transaction(
     if tx.status != backend::IDLE {
         // Counted in by the ReadyForQuery that opened the block; the round ends inside
         // it (the client left or the backend was lost), so the cleanup ends it.
-        s.in_transaction.dec();
+        s.pool.in_transaction.dec();
     }
     if !matches!(end, End::Idle) {
         debug!(end = ?end, tx = ?tx, "relay round ended");
@@ -339,7 +344,7 @@ async fn borrow_watching_client(
     cbuf: &mut BytesMut,
     s: &Session,
 ) -> Option<Result<Box<BackendConn>, Failure>> {
-    let borrow = super::borrow_unless_paused(&s.app, &s.pool, s.target.config().borrow_timeout);
+    let borrow = super::borrow_unless_paused(&s.app, &s.pool, s.target().config().borrow_timeout);
     tokio::pin!(borrow);
     loop {
         tokio::select! {
@@ -435,6 +440,7 @@ async fn relay(
         settings: &mut backend.settings,
         to_backend: &mut backend.to_backend,
         to_client: &mut backend.to_client,
+        scan: Vec::new(),
     };
     if s.releases_per_transaction() && *side.settings != s.settings.signature() {
         // The backend carries someone else's settings: make them the client's own first.

@@ -6,6 +6,8 @@
 //! signature of the list last applied to it; when a client with a different list borrows
 //! it, pgwarden runs `RESET ALL` and the client's `SET`s first, hiding their answers.
 
+use std::sync::LazyLock;
+
 use sha2::{Digest, Sha256};
 
 /// Startup parameters that are not settings.
@@ -20,7 +22,8 @@ pub const UNKNOWN: Signature = [0xff; 16];
 
 /// The signature of "no settings": a freshly logged-in or reset backend.
 pub fn defaults() -> Signature {
-    signature_of(&[])
+    static DEFAULTS: LazyLock<Signature> = LazyLock::new(|| signature_of(&[]));
+    *DEFAULTS
 }
 
 fn signature_of(list: &[(String, String)]) -> Signature {
@@ -53,9 +56,15 @@ pub enum SettingSql {
     None,
 }
 
-/// One client's settings.
-#[derive(Debug, Clone)]
+/// One client's settings. Boxed on first change: most clients set nothing, and every
+/// parked client carries this.
+#[derive(Debug, Clone, Default)]
 pub struct Settings {
+    tracked: Option<Box<Tracked>>,
+}
+
+#[derive(Debug, Clone)]
+struct Tracked {
     list: Vec<(String, String)>,
     /// Changes made inside the open transaction block, kept only if it commits.
     in_transaction: Vec<Change>,
@@ -63,12 +72,12 @@ pub struct Settings {
     signature: Signature,
 }
 
-impl Default for Settings {
+impl Default for Tracked {
     fn default() -> Self {
         Self {
             list: Vec::new(),
             in_transaction: Vec::new(),
-            signature: signature_of(&[]),
+            signature: defaults(),
         }
     }
 }
@@ -113,38 +122,51 @@ impl Settings {
     }
 
     pub fn signature(&self) -> Signature {
-        self.signature
+        self.tracked.as_ref().map_or_else(defaults, |t| t.signature)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.list.is_empty()
+        self.list().is_empty()
+    }
+
+    fn list(&self) -> &[(String, String)] {
+        self.tracked.as_ref().map_or(&[], |t| &t.list)
     }
 
     /// Applies a change that took effect (outside a transaction block, or committed).
     pub fn apply(&mut self, change: Change) -> Result<(), String> {
+        if let Change::Set { name, .. } = &change {
+            if !valid_name(name) {
+                return Err(format!("unsupported setting name {name:?}"));
+            }
+        }
+        let tracked = self.tracked.get_or_insert_default();
         match change {
             Change::Set { name, value } => {
-                if !valid_name(&name) {
-                    return Err(format!("unsupported setting name {name:?}"));
-                }
-                self.list.retain(|(n, _)| *n != name);
-                self.list.push((name, value));
+                tracked.list.retain(|(n, _)| *n != name);
+                tracked.list.push((name, value));
             }
-            Change::Reset { name } => self.list.retain(|(n, _)| *n != name),
-            Change::ResetAll => self.list.clear(),
+            Change::Reset { name } => tracked.list.retain(|(n, _)| *n != name),
+            Change::ResetAll => tracked.list.clear(),
         }
-        self.signature = signature_of(&self.list);
+        tracked.signature = signature_of(&tracked.list);
         Ok(())
     }
 
     /// Records a change made inside a transaction block.
     pub fn defer(&mut self, change: Change) {
-        self.in_transaction.push(change);
+        self.tracked
+            .get_or_insert_default()
+            .in_transaction
+            .push(change);
     }
 
     /// The transaction block ended: keep its changes if it committed.
     pub fn end_transaction(&mut self, committed: bool) {
-        let changes = std::mem::take(&mut self.in_transaction);
+        let Some(tracked) = self.tracked.as_mut() else {
+            return;
+        };
+        let changes = std::mem::take(&mut tracked.in_transaction);
         if committed {
             for change in changes {
                 let _ = self.apply(change);
@@ -153,13 +175,15 @@ impl Settings {
     }
 
     pub fn has_deferred(&self) -> bool {
-        !self.in_transaction.is_empty()
+        self.tracked
+            .as_ref()
+            .is_some_and(|t| !t.in_transaction.is_empty())
     }
 
     /// SQL that turns a backend's settings into exactly these.
     pub fn replay_sql(&self) -> String {
         let mut sql = String::from("RESET ALL");
-        for (name, value) in &self.list {
+        for (name, value) in self.list() {
             sql.push_str(&format!("; SET {name} = {value}"));
         }
         sql
