@@ -82,7 +82,10 @@ async fn start_with_secret(setup: SecretSetup<'_>) -> (PgCluster, Pgwarden, Stri
 async fn assert_no_password_leaked(pgwarden: &Pgwarden, passwords: &[&str]) {
     let log = pgwarden.log();
     let metrics = pgwarden.metrics().await;
-    assert!(log.contains("client connected"), "no log to check:\n{log}");
+    assert!(
+        log.contains("client authenticated"),
+        "no log to check:\n{log}"
+    );
     for password in passwords {
         for (what, text) in [("log", &log), ("metrics", &metrics)] {
             if let Some(line) = text.lines().find(|line| line.contains(password)) {

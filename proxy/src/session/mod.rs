@@ -330,7 +330,10 @@ async fn setup(
         .client_setups
         .with_label_values(&["succeeded"])
         .inc();
-    info!("client connected");
+    // At `debug`: at `info` the audit line "client authenticated" already records each
+    // login, with the same span fields (a line costs about 6 µs of CPU, and PgBouncer too
+    // logs two lines per connection by default).
+    debug!("client connected");
     let client = Box::new(Client {
         stream,
         session,
