@@ -118,8 +118,8 @@ impl Server {
             // The socket leaves this thread's reactor for its worker's. The task is made
             // here, so its memory comes from this thread's heap: freed when the client
             // parks, it leaves no holes between the parked clients' state, which the
-            // worker allocates (10,000 parked clients: 1.15 KiB each, against 1.35 when the
-            // worker made the task too).
+            // worker allocates (single-round idle-fleet, 10,000 parked clients with a
+            // 424-byte `Client`: 1.15 KiB each, against 1.35 when the worker made the task).
             match stream.into_std() {
                 Ok(socket) => {
                     let worker = &workers[next_worker % workers.len()];

@@ -644,12 +644,14 @@ async fn start_session(
     message: &StartupMessage,
     info: ClientInfo,
 ) -> Result<(Session, Option<Box<BackendConn>>), Failure> {
-    let target = pool.target().clone();
+    let (mode, borrow_timeout) = {
+        let config = pool.target().config();
+        (config.pool_mode, config.borrow_timeout)
+    };
     let mut out = BytesMut::with_capacity(512);
-    let mode = target.config().pool_mode;
     let mut held = None;
     if mode == PoolMode::Session || pool.params().is_none() {
-        held = Some(borrow_unless_paused(app, &pool, target.config().borrow_timeout).await?);
+        held = Some(borrow_unless_paused(app, &pool, borrow_timeout).await?);
     }
     // Startup parameters equal to what every backend logs in with need no replay.
     let login_params = pool.params().unwrap_or_default();
@@ -674,9 +676,7 @@ async fn start_session(
             _ => {
                 let mut conn = match held.take() {
                     Some(conn) => conn,
-                    None => {
-                        borrow_unless_paused(app, &pool, target.config().borrow_timeout).await?
-                    }
+                    None => borrow_unless_paused(app, &pool, borrow_timeout).await?,
                 };
                 match apply_settings(&mut conn, &settings.replay_sql()).await {
                     Ok(values) => {
