@@ -409,6 +409,9 @@ fn restart_only_changes(old: &Config, new: &Config, has_tls: bool) -> Vec<String
     if o.worker_threads != n.worker_threads {
         notes.push("server.worker_threads changed: takes effect after a restart".to_owned());
     }
+    if o.thread_busy_limit != n.thread_busy_limit {
+        notes.push("server.thread_busy_limit changed: takes effect after a restart".to_owned());
+    }
     if has_tls != n.tls.is_some() {
         notes.push(
             "[server.tls] was added or removed: takes effect after a restart (a changed certificate is reloaded)"

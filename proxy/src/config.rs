@@ -156,11 +156,17 @@ pub struct ServerConfig {
     /// and a one-second retransmit. Default `4096`.
     #[serde(default = "defaults::listen_backlog")]
     pub listen_backlog: u32,
-    /// Threads serving clients, each with an event loop of its own; the listener hands new
-    /// clients to them in turn. `0`: one per CPU available to pgwarden. With one, the
-    /// listener, every client and the reactor share one thread, as in PgBouncer. Default `0`.
+    /// Threads serving clients, each with an event loop of its own (the listener's thread is
+    /// the first). `0`: one per CPU available to pgwarden. With one, the listener, every
+    /// client and the reactor share one thread, as in PgBouncer. Default `0`.
     #[serde(default)]
     pub worker_threads: usize,
+    /// New and woken clients go to the first serving thread that was busy for less than this
+    /// share of the last sampling interval; when every thread is over it, to each in turn.
+    /// Light load is then served by one thread (the cheapest) and the others join as it
+    /// grows. `0` spreads every client over all threads in turn. Default `0.75`.
+    #[serde(default = "defaults::thread_busy_limit")]
+    pub thread_busy_limit: f64,
     /// Time a new client has to finish the startup and authentication phase. Default `10s`.
     #[serde(default = "defaults::startup_timeout", with = "humantime_serde")]
     pub startup_timeout: Duration,
@@ -368,6 +374,9 @@ mod defaults {
     pub fn park_idle_clients_after() -> Duration {
         Duration::from_secs(1)
     }
+    pub fn thread_busy_limit() -> f64 {
+        0.75
+    }
     pub fn secret_refresh_interval() -> Duration {
         Duration::from_secs(60)
     }
@@ -515,6 +524,9 @@ impl Config {
             problems.push(format!(
                 "server.worker_threads must be at most {MAX_WORKER_THREADS} (0 is one per CPU)"
             ));
+        }
+        if !(0.0..=1.0).contains(&self.server.thread_busy_limit) {
+            problems.push("server.thread_busy_limit must be between 0 and 1".to_owned());
         }
         if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
             problems.push("server.listen and server.admin_listen must differ".to_owned());
@@ -736,6 +748,22 @@ mod tests {
             problems[0].contains("server.worker_threads"),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn thread_busy_limit_defaults_to_three_quarters_and_is_a_share() {
+        let c = Config::from_toml(MINIMAL).expect("valid");
+        assert_eq!(c.server.thread_busy_limit, 0.75);
+        for bad in ["1.5", "-0.1", "nan"] {
+            let text = MINIMAL.replace("[server]", &format!("[server]\nthread_busy_limit = {bad}"));
+            let Err(ConfigError::Invalid(problems)) = Config::from_toml(&text) else {
+                panic!("thread_busy_limit = {bad}: invalid expected")
+            };
+            assert!(
+                problems[0].contains("server.thread_busy_limit"),
+                "{problems:?}"
+            );
+        }
     }
 
     #[test]

@@ -409,6 +409,7 @@ const RESTART_ONLY: &[&str] = &[
     "server.admin_listen",
     "server.listen_backlog",
     "server.worker_threads",
+    "server.thread_busy_limit",
     "server.max_auth_failures",
     "server.auth_failure_window",
     "cluster.instance_id",

@@ -19,6 +19,7 @@ pub mod memory;
 pub mod metrics;
 pub mod parking;
 pub mod pinning;
+pub mod placement;
 pub mod pool;
 pub mod quotas;
 pub mod runtime;

@@ -4,8 +4,8 @@
 use std::cell::RefCell;
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric pgwarden exports. Cheap to clone fields out of; shared via `Arc<App>`.
@@ -74,6 +74,11 @@ pub struct Metrics {
     pub backend_closed: IntCounterVec,
     /// Backend connections moved to another worker thread's reactor, by target.
     pub backend_moves: IntCounterVec,
+    /// Each serving thread's busy share of the last sampling interval, as client placement
+    /// last measured it, by thread (0 is the listener's).
+    pub thread_busy: GaugeVec,
+    /// Clients given to a serving thread, by thread and kind (`new`, `woken`).
+    pub thread_clients_placed: IntCounterVec,
     /// Time clients waited for a backend, by target.
     pub borrow_seconds: HistogramVec,
     /// Borrows that ended in a timeout (SQLSTATE 53300), by target.
@@ -300,6 +305,22 @@ impl Metrics {
                 "pgwarden_backend_moves_total",
                 "Backend connections moved to the worker thread of the client that borrowed them",
                 &["target"],
+            ),
+            thread_busy: register(
+                r,
+                GaugeVec::new(
+                    Opts::new(
+                        "pgwarden_thread_busy_ratio",
+                        "Busy share of each serving thread over the last sampling interval",
+                    ),
+                    &["thread"],
+                )
+                .expect("valid metric"),
+            ),
+            thread_clients_placed: counter_vec(
+                "pgwarden_thread_clients_placed_total",
+                "Clients given to a serving thread, by thread and kind (new, woken)",
+                &["thread", "kind"],
             ),
             borrow_seconds: register(
                 r,

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use mio::unix::SourceFd;
@@ -18,6 +18,7 @@ use prometheus::{IntCounter, IntGauge};
 use tracing::{debug, error};
 
 use crate::memory::{self, TrimPolicy};
+use crate::placement::{Arrival, Threads};
 use crate::session::Client;
 
 /// The token of the waker that tells the thread to release every client.
@@ -32,8 +33,11 @@ struct Shared {
     registry: mio::Registry,
     waker: Waker,
     state: Mutex<State>,
-    /// Where woken clients get their new task: the worker threads' runtimes, in turn.
-    runtimes: Mutex<Runtimes>,
+    /// Where woken clients get their new task: the serving threads, once the server has
+    /// started them ...
+    threads: OnceLock<Arc<Threads>>,
+    /// ... and until then, the runtime the lot was started in.
+    home: tokio::runtime::Handle,
     metrics: ParkingMetrics,
 }
 
@@ -45,11 +49,6 @@ pub struct ParkingMetrics {
     pub parks: IntCounter,
     /// Memory trims after a wave of parking.
     pub trims: IntCounter,
-}
-
-struct Runtimes {
-    handles: Vec<tokio::runtime::Handle>,
-    next: usize,
 }
 
 #[derive(Default)]
@@ -64,17 +63,15 @@ struct State {
 
 impl ParkingLot {
     /// Starts the thread that watches parked clients. Must be called inside a runtime:
-    /// woken clients are served there until [`ParkingLot::resume_on`] says otherwise.
+    /// woken clients are served there until [`ParkingLot::resume_on`] names the threads.
     pub fn start(metrics: ParkingMetrics) -> io::Result<Self> {
         let poll = Poll::new()?;
         let shared = Arc::new(Shared {
             registry: poll.registry().try_clone()?,
             waker: Waker::new(poll.registry(), WAKER)?,
             state: Mutex::default(),
-            runtimes: Mutex::new(Runtimes {
-                handles: vec![tokio::runtime::Handle::current()],
-                next: 0,
-            }),
+            threads: OnceLock::new(),
+            home: tokio::runtime::Handle::current(),
             metrics,
         });
         let watcher = shared.clone();
@@ -128,17 +125,10 @@ impl ParkingLot {
         Ok(())
     }
 
-    /// Spreads woken clients over these runtimes, one after the other: a client parked by one
-    /// worker thread may wake on another, which keeps the threads' shares even as clients
-    /// come and go.
-    pub fn resume_on(&self, handles: Vec<tokio::runtime::Handle>) {
-        if !handles.is_empty() {
-            *self
-                .shared
-                .runtimes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = Runtimes { handles, next: 0 };
-        }
+    /// Places woken clients on these threads by their rule (`placement.rs`): a client
+    /// parked by one thread may wake on another. Set once; a later call changes nothing.
+    pub fn resume_on(&self, threads: Arc<Threads>) {
+        let _ = self.shared.threads.set(threads);
     }
 
     /// Releases every parked client (they find pgwarden shutting down) and parks no more.
@@ -161,11 +151,9 @@ impl Shared {
             let _ = self.registry.deregister(&mut SourceFd(&fd));
         }
         self.metrics.parked.dec();
-        let runtime = {
-            let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
-            let i = runtimes.next % runtimes.handles.len();
-            runtimes.next = i + 1;
-            runtimes.handles[i].clone()
+        let runtime = match self.threads.get() {
+            Some(threads) => threads.handle(threads.choose(Arrival::Woken)),
+            None => &self.home,
         };
         runtime.spawn(crate::session::resume(client));
     }

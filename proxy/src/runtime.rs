@@ -1,8 +1,8 @@
-//! The threads pgwarden serves clients on, `server.worker_threads` of them. Each worker
-//! thread runs a tokio current-thread runtime of its own; the listener on `block_on`'s
-//! thread hands each new client to one, and the client stays there, so no thread wakes
-//! another on its behalf (tokio's multi-threaded workers steal tasks and wake each other to
-//! do so). With one worker, `block_on`'s thread serves the clients itself. See
+//! The threads pgwarden serves clients on, `server.worker_threads` of them: `block_on`'s
+//! thread (which also accepts clients and runs the background work) and worker threads
+//! started here. Each runs a tokio current-thread runtime of its own; a client given to a
+//! thread (`placement.rs`) stays there until it parks, so no thread wakes another on its
+//! behalf (tokio's multi-threaded workers steal tasks and wake each other to do so). See
 //! docs/architecture.md, "Threads".
 
 use std::cell::Cell;
@@ -12,8 +12,8 @@ use anyhow::Context;
 use tokio::runtime::{Builder, Handle, Runtime};
 
 thread_local! {
-    /// The worker this thread is: 1 and up on worker threads, 0 on any other thread
-    /// (`block_on`'s, which serves the clients itself when there is one worker).
+    /// The serving thread this is: 1 and up on worker threads, 0 on any other thread
+    /// (`block_on`'s, the first serving thread, or one of tokio's blocking threads).
     static WORKER: Cell<usize> = const { Cell::new(0) };
 }
 
@@ -26,8 +26,8 @@ pub fn worker_count(worker_threads: usize) -> usize {
     }
 }
 
-/// The runtime of `block_on`'s thread: the listener and the background work, and every
-/// client when there is one worker.
+/// A runtime of one thread: `block_on`'s (the listener, the background work and clients)
+/// or a worker's.
 pub fn build() -> anyhow::Result<Runtime> {
     Builder::new_current_thread()
         .enable_all()

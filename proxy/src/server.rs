@@ -1,5 +1,5 @@
-//! The listener: accepts clients under `max_client_connections` and hands each to a worker
-//! thread as a session task; pool maintenance; the drain on shutdown.
+//! The listener: accepts clients under `max_client_connections` and gives each to a serving
+//! thread (`placement.rs`) as a session task; pool maintenance; the drain on shutdown.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 use crate::admin;
 use crate::app::App;
 use crate::config::Config;
+use crate::placement::{Arrival, Threads};
 use crate::runtime;
 use crate::session;
 
@@ -75,10 +76,9 @@ impl Server {
         tokio::spawn(reload_on_sighup(app.clone()));
         // Told to the worker threads once the drain is over: they then end.
         let stop = tokio_util::sync::CancellationToken::new();
-        let workers = start_workers(&app, &stop);
-        info!(listen = %self.listen, admin = %self.admin, worker_threads = workers.len().max(1), "pgwarden is serving");
+        let (workers, threads) = start_serving_threads(&app, &stop);
+        info!(listen = %self.listen, admin = %self.admin, worker_threads = workers.len() + 1, "pgwarden is serving");
         let sessions = TaskTracker::new();
-        let mut next_worker = 0;
         loop {
             let (stream, peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -111,7 +111,8 @@ impl Server {
                 slot,
                 tracked: sessions.token(),
             };
-            if workers.is_empty() {
+            let thread = threads.choose(Arrival::New);
+            if thread == 0 {
                 tokio::spawn(session::run(app.clone(), stream, peer, admission));
                 continue;
             }
@@ -122,10 +123,8 @@ impl Server {
             // 424-byte `Client`: 1.15 KiB each, against 1.35 when the worker made the task).
             match stream.into_std() {
                 Ok(socket) => {
-                    let worker = &workers[next_worker % workers.len()];
-                    next_worker = next_worker.wrapping_add(1);
-                    worker
-                        .handle
+                    threads
+                        .handle(thread)
                         .spawn(serve_moved(app.clone(), socket, peer, admission));
                 }
                 Err(e) => client_lost_in_hand_off(&app, &e),
@@ -163,29 +162,33 @@ impl Server {
     }
 }
 
-/// The worker threads clients are served on, when `worker_threads` asks for more than one
-/// (with one, everything runs on this thread). Woken parked clients are spread over them.
-fn start_workers(
+/// The threads clients are served on: this one and `worker_threads - 1` more. Woken
+/// parked clients are placed by the same rule as new ones.
+fn start_serving_threads(
     app: &Arc<App>,
     stop: &tokio_util::sync::CancellationToken,
-) -> Vec<runtime::Worker> {
-    let count = runtime::worker_count(app.live().config.server.worker_threads);
-    if count == 1 {
-        return Vec::new();
-    }
+) -> (Vec<runtime::Worker>, Arc<Threads>) {
+    let config = &app.live().config.server;
+    let count = runtime::worker_count(config.worker_threads);
     let mut workers = Vec::new();
-    for index in 1..=count {
+    for index in 1..count {
         let stop = stop.clone();
         match runtime::start_worker(index, async move { stop.cancelled().await }) {
             Ok(worker) => workers.push(worker),
             Err(e) => error!(error = %e, "a worker thread could not start"),
         }
     }
-    if !workers.is_empty() {
-        app.parking
-            .resume_on(workers.iter().map(|w| w.handle.clone()).collect());
-    }
-    workers
+    let handles = std::iter::once(tokio::runtime::Handle::current())
+        .chain(workers.iter().map(|w| w.handle.clone()))
+        .collect();
+    let threads = Arc::new(Threads::new(
+        handles,
+        config.thread_busy_limit,
+        &app.metrics,
+    ));
+    tokio::spawn(threads.clone().measure(stop.clone()));
+    app.parking.resume_on(threads.clone());
+    (workers, threads)
 }
 
 /// A client's session on the worker thread it was handed to.
