@@ -35,8 +35,8 @@ pub struct Threads {
     /// Index 0 is the listener's thread.
     handles: Vec<Handle>,
     busy_limit: f64,
-    /// Per thread, its busy share of the last interval (`f64::to_bits` would need 64-bit
-    /// atomics; an `f32` is precise enough).
+    /// Per thread, its busy share of the last interval, as `f32` bits (precise enough, and
+    /// read with one relaxed load).
     shares: Vec<AtomicU32>,
     /// The next thread in turn when every thread is over the limit.
     next: AtomicUsize,
@@ -78,9 +78,9 @@ impl Threads {
         let chosen = if self.handles.len() == 1 {
             0
         } else {
-            let shares: Vec<f64> = self.shares.iter().map(share_of).collect();
-            first_under_limit(&shares, self.busy_limit, || {
-                self.next.fetch_add(1, Ordering::Relaxed) % shares.len()
+            let shares = self.shares.iter().map(share_of);
+            first_under_limit(shares, self.busy_limit, || {
+                self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len()
             })
         };
         self.placed[chosen][arrival as usize].inc();
@@ -141,10 +141,14 @@ fn busy_time(handle: &Handle) -> Duration {
 }
 
 /// The first thread whose busy share is under `limit`; when none is, `in_turn()`.
-fn first_under_limit(shares: &[f64], limit: f64, in_turn: impl FnOnce() -> usize) -> usize {
+fn first_under_limit(
+    shares: impl IntoIterator<Item = f64>,
+    limit: f64,
+    in_turn: impl FnOnce() -> usize,
+) -> usize {
     shares
-        .iter()
-        .position(|&share| share < limit)
+        .into_iter()
+        .position(|share| share < limit)
         .unwrap_or_else(in_turn)
 }
 
@@ -158,22 +162,22 @@ mod tests {
     fn clients_fill_the_first_thread_under_the_limit_then_go_round() {
         let no_turn = || panic!("a thread is under the limit: no turn is taken");
         assert_eq!(
-            first_under_limit(&[0.3, 0.1], 0.75, no_turn),
+            first_under_limit([0.3, 0.1], 0.75, no_turn),
             0,
             "a thread under the limit takes the client even when a later one is idler"
         );
         assert_eq!(
-            first_under_limit(&[0.9, 0.2, 0.0], 0.75, no_turn),
+            first_under_limit([0.9, 0.2, 0.0], 0.75, no_turn),
             1,
             "a busy first thread passes clients to the next one under the limit"
         );
         assert_eq!(
-            first_under_limit(&[0.9, 0.8], 0.75, || 1),
+            first_under_limit([0.9, 0.8], 0.75, || 1),
             1,
             "every thread busy: the one in turn"
         );
         assert_eq!(
-            first_under_limit(&[0.0, 0.0], 0.0, || 1),
+            first_under_limit([0.0, 0.0], 0.0, || 1),
             1,
             "a limit of 0: always the one in turn"
         );

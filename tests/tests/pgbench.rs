@@ -235,7 +235,7 @@ fn placed_on(metrics: &str, thread: usize) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn worker_threads_share_the_clients_and_the_pool_and_one_thread_serves_alone() {
+async fn serving_threads_fill_in_order_or_take_turns_share_the_pool_and_one_serves_alone() {
     let cluster = PgCluster::start();
     let single = |user: &str| PgwardenOptions {
         users: vec![(user.to_owned(), format!("{user}-pw"))],
@@ -292,14 +292,29 @@ async fn worker_threads_share_the_clients_and_the_pool_and_one_thread_serves_alo
     )
     .await;
     let mut before = (0.0, 0.0);
+    let mut busy_while_serving = None;
     for round in ["opens the pool", "borrows from it"] {
         let metrics = fill.metrics().await;
         before = (placed_on(&metrics, 0), placed_on(&metrics, 1));
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let run = fill.pgbench(&["-S", "-c", "8", "-j", "2", "-T", "1"]).await;
+        // The busy share is measured on its own every 50 ms: mid-run, the first thread's is
+        // above zero.
+        let (run, busy) = tokio::join!(
+            fill.pgbench(&["-S", "-c", "8", "-j", "2", "-T", "1"]),
+            async {
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                let metrics = fill.metrics().await;
+                metric_sum(&metrics, "pgwarden_thread_busy_ratio{thread=\"0\"}")
+            }
+        );
+        busy_while_serving = busy;
         let text = assert_success(&run, &fill, &format!("pgbench -S -c 8 that {round}"));
         assert!(reported(&text, "number of transactions actually processed") > 0);
     }
+    assert!(
+        busy_while_serving.is_some_and(|share| share > 0.0),
+        "the first thread's busy share was not measured while it served: {busy_while_serving:?}"
+    );
     let metrics = fill.metrics().await;
     let placed = (
         placed_on(&metrics, 0) - before.0,
