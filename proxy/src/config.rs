@@ -161,10 +161,11 @@ pub struct ServerConfig {
     /// client and the reactor share one thread, as in PgBouncer. Default `0`.
     #[serde(default)]
     pub worker_threads: usize,
-    /// New and woken clients go to the first serving thread that was busy for less than this
-    /// share of the last sampling interval; when every thread is over it, to each in turn.
-    /// Light load is then served by one thread (the cheapest) and the others join as it
-    /// grows. `0` spreads every client over all threads in turn. Default `0.75`.
+    /// New and woken clients go to the first serving thread that used less than this share
+    /// of a CPU over the last sampling interval; when every thread is over it, to each in
+    /// turn; clients on a thread over it move between transactions to one under it. Light
+    /// load is then served by one thread (the cheapest) and the others join as it grows.
+    /// `0` spreads every client over all threads in turn. Default `0.75`.
     #[serde(default = "defaults::thread_busy_limit")]
     pub thread_busy_limit: f64,
     /// Time a new client has to finish the startup and authentication phase. Default `10s`.

@@ -74,10 +74,10 @@ pub struct Metrics {
     pub backend_closed: IntCounterVec,
     /// Backend connections moved to another worker thread's reactor, by target.
     pub backend_moves: IntCounterVec,
-    /// Each serving thread's busy share of the last sampling interval, as client placement
-    /// last measured it, by thread (0 is the listener's).
+    /// Each serving thread's share of a CPU over the last sampling interval, as client
+    /// placement last measured it, by thread (0 is the listener's).
     pub thread_busy: GaugeVec,
-    /// Clients given to a serving thread, by thread and kind (`new`, `woken`).
+    /// Clients given to a serving thread, by thread and kind (`new`, `woken`, `moved`).
     pub thread_clients_placed: IntCounterVec,
     /// Time clients waited for a backend, by target.
     pub borrow_seconds: HistogramVec,
@@ -311,7 +311,7 @@ impl Metrics {
                 GaugeVec::new(
                     Opts::new(
                         "pgwarden_thread_busy_ratio",
-                        "Busy share of each serving thread over the last sampling interval",
+                        "Share of a CPU each serving thread used over the last sampling interval",
                     ),
                     &["thread"],
                 )
@@ -319,7 +319,7 @@ impl Metrics {
             ),
             thread_clients_placed: counter_vec(
                 "pgwarden_thread_clients_placed_total",
-                "Clients given to a serving thread, by thread and kind (new, woken)",
+                "Clients given to a serving thread, by thread and kind (new, woken, moved)",
                 &["thread", "kind"],
             ),
             borrow_seconds: register(

@@ -131,6 +131,11 @@ impl ParkingLot {
         let _ = self.shared.threads.set(threads);
     }
 
+    /// The serving threads, once the server has started them.
+    pub fn threads(&self) -> Option<&Arc<Threads>> {
+        self.shared.threads.get()
+    }
+
     /// Releases every parked client (they find pgwarden shutting down) and parks no more.
     pub fn close(&self) {
         self.shared.lock().closed = true;

@@ -1,10 +1,11 @@
 //! Which thread serves a client. pgwarden serves on `worker_threads` threads (the
 //! listener's own is the first) but fills them in order: a new or woken client goes to the
-//! first thread that was busy for less than `thread_busy_limit` of the last sampling
-//! interval, and only when every thread is over it do clients go to each in turn. At light
-//! load one thread serves everything, which costs the least (no thread wakes another, and
-//! one wake finds several sockets ready); the others take clients as the load grows. See
-//! docs/architecture.md, "Threads".
+//! first thread that used less than `thread_busy_limit` of a CPU over the last sampling
+//! interval (its busy share), and only when every thread is over it do clients go to each
+//! in turn. At light load one thread serves everything, which costs the least (no thread
+//! wakes another, and one wake finds several sockets ready); the others take clients as the
+//! load grows, new ones and, between transactions, ones leaving a thread over the limit.
+//! See docs/architecture.md, "Threads".
 
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -14,11 +15,16 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::runtime::CpuClock;
 
 /// How often the threads' busy shares are measured. Short enough that a burst of new
 /// clients spreads within its first tens of milliseconds; long enough that the measurement
 /// costs nothing (one timer wake of the first thread).
 const SAMPLE_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Most clients that leave busy threads per sampling interval (80 a second): a busy
+/// thread's clients do not all jump at once, which would only make the next thread busy.
+const MOVES_PER_INTERVAL: usize = 4;
 
 /// Why a client is being placed (a label of `pgwarden_thread_clients_placed_total`).
 #[derive(Clone, Copy)]
@@ -27,47 +33,52 @@ pub enum Arrival {
     New,
     /// A parked client that sent something.
     Woken,
+    /// A client between transactions leaving a thread over the limit.
+    Moved,
 }
 
 /// The serving threads' runtimes, their last measured busy shares, and the rule that picks
 /// one for a client.
 pub struct Threads {
     /// Index 0 is the listener's thread.
-    handles: Vec<Handle>,
+    threads: Vec<ServingThread>,
     busy_limit: f64,
     /// Per thread, its busy share of the last interval, as `f32` bits (precise enough, and
     /// read with one relaxed load).
     shares: Vec<AtomicU32>,
     /// The next thread in turn when every thread is over the limit.
     next: AtomicUsize,
+    /// Moves left in this sampling interval.
+    moves_left: AtomicUsize,
     busy_gauges: Vec<Gauge>,
-    /// Per thread, new then woken placements.
-    placed: Vec<[IntCounter; 2]>,
+    /// Per thread, placements by [`Arrival`].
+    placed: Vec<[IntCounter; 3]>,
 }
 
 impl Threads {
-    /// `handles[0]` must be the runtime of the thread that accepts clients. Each runtime is
-    /// a current-thread one: its only worker (index 0 in its metrics) is its thread.
-    pub fn new(handles: Vec<Handle>, busy_limit: f64, metrics: &Metrics) -> Self {
-        assert!(!handles.is_empty(), "at least one serving thread");
+    /// `threads[0]` must be the thread that accepts clients.
+    pub fn new(threads: Vec<ServingThread>, busy_limit: f64, metrics: &Metrics) -> Self {
+        assert!(!threads.is_empty(), "at least one serving thread");
         let label = |i: usize| i.to_string();
-        let busy_gauges = (0..handles.len())
+        let busy_gauges = (0..threads.len())
             .map(|i| metrics.thread_busy.with_label_values(&[&label(i)]))
             .collect();
-        let placed = (0..handles.len())
+        let placed = (0..threads.len())
             .map(|i| {
                 let placed = &metrics.thread_clients_placed;
                 [
                     placed.with_label_values(&[&label(i), "new"]),
                     placed.with_label_values(&[&label(i), "woken"]),
+                    placed.with_label_values(&[&label(i), "moved"]),
                 ]
             })
             .collect();
         Self {
-            shares: handles.iter().map(|_| AtomicU32::new(0)).collect(),
-            handles,
+            shares: threads.iter().map(|_| AtomicU32::new(0)).collect(),
+            threads,
             busy_limit,
             next: AtomicUsize::new(0),
+            moves_left: AtomicUsize::new(0),
             busy_gauges,
             placed,
         }
@@ -75,27 +86,44 @@ impl Threads {
 
     /// The thread a client arriving now should be served on (an index into [`Self::handle`]).
     pub fn choose(&self, arrival: Arrival) -> usize {
-        let chosen = if self.handles.len() == 1 {
+        let chosen = if self.threads.len() == 1 {
             0
         } else {
             let shares = self.shares.iter().map(share_of);
             first_under_limit(shares, self.busy_limit, || {
-                self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len()
+                self.next.fetch_add(1, Ordering::Relaxed) % self.threads.len()
             })
         };
         self.placed[chosen][arrival as usize].inc();
         chosen
     }
 
+    /// Where a client between transactions on thread `here` should move, if anywhere: to
+    /// the first other thread under the limit when its own is over it, at most
+    /// [`MOVES_PER_INTERVAL`] clients per interval. This is how clients that connected at
+    /// light load spread when it grows.
+    pub fn move_from(&self, here: usize) -> Option<usize> {
+        if self.threads.len() == 1 {
+            return None;
+        }
+        let shares = self.shares.iter().map(share_of);
+        let to = move_target(shares, here, self.busy_limit)?;
+        self.moves_left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .ok()?;
+        self.placed[to][Arrival::Moved as usize].inc();
+        Some(to)
+    }
+
     /// The runtime of serving thread `index`.
     pub fn handle(&self, index: usize) -> &Handle {
-        &self.handles[index]
+        &self.threads[index].handle
     }
 
     /// Measures the threads' busy shares every [`SAMPLE_INTERVAL`] until `stop`. With one
     /// thread there is no choice to make and nothing is measured.
     pub async fn measure(self: std::sync::Arc<Self>, stop: CancellationToken) {
-        if self.handles.len() == 1 {
+        if self.threads.len() == 1 {
             return;
         }
         let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
@@ -111,7 +139,7 @@ impl Threads {
     }
 
     fn busy_times(&self) -> Vec<Duration> {
-        self.handles.iter().map(busy_time).collect()
+        self.threads.iter().map(ServingThread::busy_time).collect()
     }
 
     /// Stores each thread's busy share since `since` and returns the new starting point.
@@ -120,12 +148,13 @@ impl Threads {
         let now = Instant::now();
         let busy_now = self.busy_times();
         let elapsed = now.duration_since(then).as_secs_f64().max(f64::EPSILON);
-        for i in 0..self.handles.len() {
+        for i in 0..self.threads.len() {
             let spent = busy_now[i].saturating_sub(busy_then[i]).as_secs_f64();
             let share = (spent / elapsed).min(1.0);
             self.shares[i].store((share as f32).to_bits(), Ordering::Relaxed);
             self.busy_gauges[i].set(share);
         }
+        self.moves_left.store(MOVES_PER_INTERVAL, Ordering::Relaxed);
         (now, busy_now)
     }
 }
@@ -134,10 +163,23 @@ fn share_of(share: &AtomicU32) -> f64 {
     f64::from(f32::from_bits(share.load(Ordering::Relaxed)))
 }
 
-/// Time the runtime's thread has spent running tasks since it started (tokio updates it
-/// each time the thread goes to sleep or checks for I/O).
-fn busy_time(handle: &Handle) -> Duration {
-    handle.metrics().worker_total_busy_duration(0)
+/// A thread clients are served on: its runtime (a current-thread one) and, where the system
+/// shows it, its CPU time.
+pub struct ServingThread {
+    pub handle: Handle,
+    pub cpu_clock: Option<CpuClock>,
+}
+
+impl ServingThread {
+    /// CPU time the thread has used; without a CPU clock, the time its runtime has spent
+    /// running tasks (tokio's count, which also counts time the thread was preempted: on a
+    /// machine shared with the database it reads busier than the thread is).
+    fn busy_time(&self) -> Duration {
+        self.cpu_clock
+            .as_ref()
+            .and_then(CpuClock::read)
+            .unwrap_or_else(|| self.handle.metrics().worker_total_busy_duration(0))
+    }
 }
 
 /// The first thread whose busy share is under `limit`; when none is, `in_turn()`.
@@ -152,11 +194,29 @@ fn first_under_limit(
         .unwrap_or_else(in_turn)
 }
 
+/// The first thread other than `here` under `limit`, when `here` is not under it.
+fn move_target(
+    shares: impl Iterator<Item = f64> + Clone,
+    here: usize,
+    limit: f64,
+) -> Option<usize> {
+    if shares.clone().nth(here).is_none_or(|share| share < limit) {
+        return None;
+    }
+    shares
+        .enumerate()
+        .find(|&(i, share)| i != here && share < limit)
+        .map(|(i, _)| i)
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::{first_under_limit, Arrival, Threads};
+    use super::{
+        first_under_limit, move_target, Arrival, CpuClock, ServingThread, Threads,
+        MOVES_PER_INTERVAL,
+    };
 
     #[test]
     fn clients_fill_the_first_thread_under_the_limit_then_go_round() {
@@ -184,13 +244,44 @@ mod tests {
     }
 
     #[test]
+    fn clients_leave_a_thread_over_the_limit_for_the_first_one_under_it() {
+        assert_eq!(move_target([0.9, 0.8, 0.1].into_iter(), 0, 0.75), Some(2));
+        assert_eq!(move_target([0.1, 0.9].into_iter(), 1, 0.75), Some(0));
+        assert_eq!(
+            move_target([0.5, 0.0].into_iter(), 0, 0.75),
+            None,
+            "under the limit: stay"
+        );
+        assert_eq!(
+            move_target([0.9, 0.8].into_iter(), 0, 0.75),
+            None,
+            "nowhere better to go"
+        );
+        assert_eq!(
+            move_target([0.9, 0.0].into_iter(), 0, 0.0),
+            None,
+            "a limit of 0 never moves"
+        );
+    }
+
+    #[test]
     fn a_busy_thread_is_passed_over_and_threads_over_the_limit_take_turns() {
         let busy = crate::runtime::build().expect("runtime");
         let idle = crate::runtime::build().expect("runtime");
         let metrics = crate::metrics::Metrics::new();
+        let serving = |runtime: &tokio::runtime::Runtime, cpu_clock| ServingThread {
+            handle: runtime.handle().clone(),
+            cpu_clock,
+        };
+        // The busy runtime runs on this thread (`block_on` below); the idle one never runs.
+        // A low limit: the test threads share the CPUs, so the spinning one may not get a
+        // whole CPU.
         let threads = Threads::new(
-            vec![busy.handle().clone(), idle.handle().clone()],
-            0.75,
+            vec![
+                serving(&busy, CpuClock::of_this_thread()),
+                serving(&idle, None),
+            ],
+            0.1,
             &metrics,
         );
         assert_eq!(threads.choose(Arrival::New), 0, "nothing measured yet");
@@ -209,6 +300,15 @@ mod tests {
             1,
             "the busy thread is passed over"
         );
+        let moves: Vec<Option<usize>> = (0..=MOVES_PER_INTERVAL)
+            .map(|_| threads.move_from(0))
+            .collect();
+        assert_eq!(moves[..MOVES_PER_INTERVAL], [Some(1); MOVES_PER_INTERVAL]);
+        assert_eq!(
+            moves[MOVES_PER_INTERVAL], None,
+            "the interval's moves are used up"
+        );
+        assert_eq!(threads.move_from(1), None, "the idle thread's clients stay");
         let text = metrics.render();
         assert!(
             text.contains("pgwarden_thread_clients_placed_total{kind=\"new\",thread=\"1\"} 1"),
@@ -218,11 +318,11 @@ mod tests {
             .lines()
             .find_map(|line| line.strip_prefix("pgwarden_thread_busy_ratio{thread=\"0\"} "))
             .and_then(|value| value.parse::<f64>().ok());
-        assert!(busy_share.is_some_and(|share| share > 0.75), "{text}");
+        assert!(busy_share.is_some_and(|share| share > 0.1), "{text}");
 
         // Both over a limit of 0: in turn, from where the turn stands.
         let threads = Threads::new(
-            vec![busy.handle().clone(), idle.handle().clone()],
+            vec![serving(&busy, None), serving(&idle, None)],
             0.0,
             &metrics,
         );

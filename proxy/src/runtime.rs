@@ -44,6 +44,30 @@ pub fn current_worker() -> usize {
 pub struct Worker {
     pub handle: Handle,
     pub thread: std::thread::JoinHandle<()>,
+    /// Its CPU time, if the system shows it ([`CpuClock::of_this_thread`]).
+    pub cpu_clock: Option<CpuClock>,
+}
+
+/// A thread's CPU time as the kernel counts it: the first field of
+/// `/proc/<pid>/task/<tid>/schedstat`, nanoseconds spent running on a CPU. Unlike the time a
+/// runtime spends running tasks, it leaves out the time the thread was preempted.
+#[derive(Clone, Debug)]
+pub struct CpuClock(std::path::PathBuf);
+
+impl CpuClock {
+    /// The clock of the calling thread; `None` where `/proc` does not have it.
+    pub fn of_this_thread() -> Option<Self> {
+        let task = std::fs::read_link("/proc/thread-self").ok()?;
+        let clock = Self(std::path::Path::new("/proc").join(task).join("schedstat"));
+        clock.read().map(|_| clock)
+    }
+
+    /// CPU time the thread has used since it started.
+    pub fn read(&self) -> Option<std::time::Duration> {
+        let text = std::fs::read_to_string(&self.0).ok()?;
+        let nanos = text.split_whitespace().next()?.parse().ok()?;
+        Some(std::time::Duration::from_nanos(nanos))
+    }
 }
 
 /// Starts worker thread `index` (1 and up) running `main` on a runtime of its own; the
@@ -54,14 +78,21 @@ where
 {
     let runtime = build()?;
     let handle = runtime.handle().clone();
+    let (clock_tx, clock_rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
         .name(format!("pgwarden-worker-{index}"))
         .spawn(move || {
             WORKER.with(|w| w.set(index));
+            let _ = clock_tx.send(CpuClock::of_this_thread());
             runtime.block_on(main);
         })
         .context("cannot start a worker thread")?;
-    Ok(Worker { handle, thread })
+    let cpu_clock = clock_rx.recv().ok().flatten();
+    Ok(Worker {
+        handle,
+        thread,
+        cpu_clock,
+    })
 }
 
 #[cfg(test)]
@@ -87,6 +118,10 @@ mod tests {
         let (index, runtime) = rx.recv().expect("the worker ran");
         assert_eq!(index, 2);
         assert_eq!(runtime, worker.handle.id());
+        assert!(
+            worker.cpu_clock.is_some(),
+            "the worker's CPU time was readable (Linux /proc)"
+        );
         worker.thread.join().expect("no panic");
         assert_eq!(super::current_worker(), 0);
     }

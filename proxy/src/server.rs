@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 use crate::admin;
 use crate::app::App;
 use crate::config::Config;
-use crate::placement::{Arrival, Threads};
+use crate::placement::{Arrival, ServingThread, Threads};
 use crate::runtime;
 use crate::session;
 
@@ -178,11 +178,18 @@ fn start_serving_threads(
             Err(e) => error!(error = %e, "a worker thread could not start"),
         }
     }
-    let handles = std::iter::once(tokio::runtime::Handle::current())
-        .chain(workers.iter().map(|w| w.handle.clone()))
+    let this_thread = ServingThread {
+        handle: tokio::runtime::Handle::current(),
+        cpu_clock: runtime::CpuClock::of_this_thread(),
+    };
+    let serving = std::iter::once(this_thread)
+        .chain(workers.iter().map(|w| ServingThread {
+            handle: w.handle.clone(),
+            cpu_clock: w.cpu_clock.clone(),
+        }))
         .collect();
     let threads = Arc::new(Threads::new(
-        handles,
+        serving,
         config.thread_busy_limit,
         &app.metrics,
     ));

@@ -326,6 +326,35 @@ async fn serving_threads_fill_in_order_or_take_turns_share_the_pool_and_one_serv
     );
     drop(fill);
 
+    // A limit so low that a thread serving one client is over it while the other, idle,
+    // is under: the client moves between transactions (back and forth, a few times per
+    // 50 ms), keeping its prepared statements, and no transaction fails.
+    let moving = Pgwarden::start(
+        &cluster,
+        PgwardenOptions {
+            extra_server_toml: "worker_threads = 2\nthread_busy_limit = 0.02\n".to_owned(),
+            ..single("app")
+        },
+    )
+    .await;
+    let run = moving
+        .pgbench(&["-S", "-M", "prepared", "-c", "1", "-T", "2"])
+        .await;
+    let text = assert_success(&run, &moving, "pgbench -S -M prepared while a client moves");
+    assert_eq!(reported(&text, "number of failed transactions"), 0);
+    assert!(reported(&text, "number of transactions actually processed") > 0);
+    let metrics = moving.metrics().await;
+    let moved = |thread: usize| {
+        let name =
+            format!("pgwarden_thread_clients_placed_total{{kind=\"moved\",thread=\"{thread}\"}}");
+        metric_sum(&metrics, &name).unwrap_or(0.0)
+    };
+    assert!(
+        moved(0) + moved(1) > 0.0,
+        "the client never moved off its busy thread:\n{metrics}"
+    );
+    drop(moving);
+
     let mut pgwarden = Pgwarden::start(
         &cluster,
         PgwardenOptions {

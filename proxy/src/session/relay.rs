@@ -107,9 +107,34 @@ pub fn serve(
             if Box::pin(transaction(&mut client, &mut cbuf, None)).await == Next::Stop {
                 break;
             }
+            if cbuf.is_empty() {
+                match move_off_busy_thread(client) {
+                    Ok(()) => return,
+                    Err(stays) => client = stays,
+                }
+            }
         }
         disconnected(&client);
     }
+}
+
+/// Between transactions, with nothing buffered: moves the client to another serving
+/// thread if its own is over `thread_busy_limit` (`placement.rs`), the way a woken parked
+/// client is taken up. Gives it back when it stays (or when its socket could not leave this
+/// thread's reactor: if that lost the socket, the next read fails and the client is closed).
+fn move_off_busy_thread(mut client: Box<Client>) -> Result<(), Box<Client>> {
+    let Some(threads) = client.session.app.parking.threads().cloned() else {
+        return Err(client);
+    };
+    let Some(to) = threads.move_from(crate::runtime::current_worker()) else {
+        return Err(client);
+    };
+    if let Err(e) = client.stream.socket_mut().park() {
+        debug!(error = %e, "could not move a client to another thread");
+        return Err(client);
+    }
+    threads.handle(to).spawn(super::resume(client));
+    Ok(())
 }
 
 fn disconnected(client: &Client) {
