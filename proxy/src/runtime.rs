@@ -1,9 +1,9 @@
 //! The threads pgwarden serves clients on, `server.worker_threads` of them: `block_on`'s
 //! thread (which also accepts clients and runs the background work) and worker threads
 //! started here. Each runs a tokio current-thread runtime of its own; a client given to a
-//! thread (`placement.rs`) stays there until it parks, so no thread wakes another on its
-//! behalf (tokio's multi-threaded workers steal tasks and wake each other to do so). See
-//! docs/architecture.md, "Threads".
+//! thread (`placement.rs`) is served there until it parks or moves off a busy thread
+//! between transactions, so no thread wakes another on its behalf (tokio's multi-threaded
+//! workers steal tasks and wake each other to do so). See docs/architecture.md, "Threads".
 
 use std::cell::Cell;
 use std::future::Future;

@@ -171,8 +171,11 @@ fn start_serving_threads(
     let config = &app.live().config.server;
     let count = runtime::worker_count(config.worker_threads);
     let mut workers = Vec::new();
-    for index in 1..count {
+    for _ in 1..count {
         let stop = stop.clone();
+        // Numbered by position, so a thread that failed to start leaves no gap between the
+        // serving threads' indices and the placement's.
+        let index = workers.len() + 1;
         match runtime::start_worker(index, async move { stop.cancelled().await }) {
             Ok(worker) => workers.push(worker),
             Err(e) => error!(error = %e, "a worker thread could not start"),

@@ -123,17 +123,18 @@ pub fn serve(
 /// client is taken up. Gives it back when it stays (or when its socket could not leave this
 /// thread's reactor: if that lost the socket, the next read fails and the client is closed).
 fn move_off_busy_thread(mut client: Box<Client>) -> Result<(), Box<Client>> {
-    let Some(threads) = client.session.app.parking.threads().cloned() else {
-        return Err(client);
-    };
-    let Some(to) = threads.move_from(crate::runtime::current_worker()) else {
+    let here = crate::runtime::current_worker();
+    let Some(runtime) = client.session.app.parking.threads().and_then(|threads| {
+        let to = threads.move_from(here)?;
+        Some(threads.handle(to).clone())
+    }) else {
         return Err(client);
     };
     if let Err(e) = client.stream.socket_mut().park() {
         debug!(error = %e, "could not move a client to another thread");
         return Err(client);
     }
-    threads.handle(to).spawn(super::resume(client));
+    runtime.spawn(super::resume(client));
     Ok(())
 }
 
