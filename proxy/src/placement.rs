@@ -37,50 +37,62 @@ pub enum Arrival {
     Moved,
 }
 
-/// The serving threads' runtimes, their last measured busy shares, and the rule that picks
-/// one for a client.
+/// The serving threads, their last measured busy shares, and the rule that picks one for a
+/// client.
 pub struct Threads {
     /// Index 0 is the listener's thread.
-    threads: Vec<ServingThread>,
+    threads: Vec<Placed>,
     busy_limit: f64,
-    /// Per thread, its busy share of the last interval, as `f32` bits (precise enough, and
-    /// read with one relaxed load).
-    shares: Vec<AtomicU32>,
     /// The next thread in turn when every thread is over the limit.
     next: AtomicUsize,
     /// Moves left in this sampling interval.
     moves_left: AtomicUsize,
-    busy_gauges: Vec<Gauge>,
-    /// Per thread, placements by [`Arrival`].
-    placed: Vec<[IntCounter; 3]>,
+}
+
+/// A serving thread with what placement measures and counts of it.
+struct Placed {
+    thread: ServingThread,
+    /// Its busy share of the last interval, as `f32` bits (precise enough, and read with
+    /// one relaxed load).
+    share: AtomicU32,
+    busy_gauge: Gauge,
+    /// Placements by [`Arrival`].
+    placed: [IntCounter; 3],
+}
+
+impl Placed {
+    fn share(&self) -> f64 {
+        f64::from(f32::from_bits(self.share.load(Ordering::Relaxed)))
+    }
 }
 
 impl Threads {
     /// `threads[0]` must be the thread that accepts clients.
     pub fn new(threads: Vec<ServingThread>, busy_limit: f64, metrics: &Metrics) -> Self {
         assert!(!threads.is_empty(), "at least one serving thread");
-        let label = |i: usize| i.to_string();
-        let busy_gauges = (0..threads.len())
-            .map(|i| metrics.thread_busy.with_label_values(&[&label(i)]))
-            .collect();
-        let placed = (0..threads.len())
-            .map(|i| {
-                let placed = &metrics.thread_clients_placed;
-                [
-                    placed.with_label_values(&[&label(i), "new"]),
-                    placed.with_label_values(&[&label(i), "woken"]),
-                    placed.with_label_values(&[&label(i), "moved"]),
-                ]
+        let threads = threads
+            .into_iter()
+            .enumerate()
+            .map(|(i, thread)| {
+                let label = i.to_string();
+                let placed = |kind: &str| {
+                    metrics
+                        .thread_clients_placed
+                        .with_label_values(&[label.as_str(), kind])
+                };
+                Placed {
+                    thread,
+                    share: AtomicU32::new(0),
+                    busy_gauge: metrics.thread_busy.with_label_values(&[&label]),
+                    placed: [placed("new"), placed("woken"), placed("moved")],
+                }
             })
             .collect();
         Self {
-            shares: threads.iter().map(|_| AtomicU32::new(0)).collect(),
             threads,
             busy_limit,
             next: AtomicUsize::new(0),
             moves_left: AtomicUsize::new(0),
-            busy_gauges,
-            placed,
         }
     }
 
@@ -89,12 +101,12 @@ impl Threads {
         let chosen = if self.threads.len() == 1 {
             0
         } else {
-            let shares = self.shares.iter().map(share_of);
+            let shares = self.threads.iter().map(Placed::share);
             first_under_limit(shares, self.busy_limit, || {
                 self.next.fetch_add(1, Ordering::Relaxed) % self.threads.len()
             })
         };
-        self.placed[chosen][arrival as usize].inc();
+        self.threads[chosen].placed[arrival as usize].inc();
         chosen
     }
 
@@ -106,18 +118,18 @@ impl Threads {
         if self.threads.len() == 1 {
             return None;
         }
-        let shares = self.shares.iter().map(share_of);
+        let shares = self.threads.iter().map(Placed::share);
         let to = move_target(shares, here, self.busy_limit)?;
         self.moves_left
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
             .ok()?;
-        self.placed[to][Arrival::Moved as usize].inc();
+        self.threads[to].placed[Arrival::Moved as usize].inc();
         Some(to)
     }
 
     /// The runtime of serving thread `index`.
     pub fn handle(&self, index: usize) -> &Handle {
-        &self.threads[index].handle
+        &self.threads[index].thread.handle
     }
 
     /// Measures the threads' busy shares every [`SAMPLE_INTERVAL`] until `stop`. With one
@@ -138,29 +150,39 @@ impl Threads {
         }
     }
 
-    fn busy_times(&self) -> Vec<Duration> {
-        self.threads.iter().map(ServingThread::busy_time).collect()
+    /// Each thread's busy time; `None` for one whose CPU time could not be read just now.
+    fn busy_times(&self) -> Vec<Option<Duration>> {
+        self.threads.iter().map(|p| p.thread.busy_time()).collect()
     }
 
-    /// Stores each thread's busy share since `since` and returns the new starting point.
-    fn record_shares(&self, since: (Instant, Vec<Duration>)) -> (Instant, Vec<Duration>) {
+    /// Stores each thread's busy share since `since` and returns the new starting point. A
+    /// thread whose busy time could not be read keeps its last reading (and reads idle).
+    fn record_shares(
+        &self,
+        since: (Instant, Vec<Option<Duration>>),
+    ) -> (Instant, Vec<Option<Duration>>) {
         let (then, busy_then) = since;
         let now = Instant::now();
-        let busy_now = self.busy_times();
         let elapsed = now.duration_since(then).as_secs_f64().max(f64::EPSILON);
-        for i in 0..self.threads.len() {
-            let spent = busy_now[i].saturating_sub(busy_then[i]).as_secs_f64();
-            let share = (spent / elapsed).min(1.0);
-            self.shares[i].store((share as f32).to_bits(), Ordering::Relaxed);
-            self.busy_gauges[i].set(share);
-        }
+        let busy_now = self
+            .threads
+            .iter()
+            .zip(busy_then)
+            .map(|(p, before)| {
+                let now = p.thread.busy_time().or(before);
+                let spent = match (now, before) {
+                    (Some(now), Some(before)) => now.saturating_sub(before).as_secs_f64(),
+                    _ => 0.0,
+                };
+                let share = (spent / elapsed).min(1.0);
+                p.share.store((share as f32).to_bits(), Ordering::Relaxed);
+                p.busy_gauge.set(share);
+                now
+            })
+            .collect();
         self.moves_left.store(MOVES_PER_INTERVAL, Ordering::Relaxed);
         (now, busy_now)
     }
-}
-
-fn share_of(share: &AtomicU32) -> f64 {
-    f64::from(f32::from_bits(share.load(Ordering::Relaxed)))
 }
 
 /// A thread clients are served on: its runtime (a current-thread one) and, where the system
@@ -171,14 +193,16 @@ pub struct ServingThread {
 }
 
 impl ServingThread {
-    /// CPU time the thread has used; without a CPU clock, the time its runtime has spent
-    /// running tasks (tokio's count, which also counts time the thread was preempted: on a
-    /// machine shared with the database it reads busier than the thread is).
-    fn busy_time(&self) -> Duration {
-        self.cpu_clock
-            .as_ref()
-            .and_then(CpuClock::read)
-            .unwrap_or_else(|| self.handle.metrics().worker_total_busy_duration(0))
+    /// CPU time the thread has used (`None` if its clock could not be read just now);
+    /// without a CPU clock, the time its runtime has spent running tasks (tokio's count,
+    /// which also counts time the thread was preempted: on a machine shared with the
+    /// database it reads busier than the thread is). One source per thread, so that a
+    /// share never subtracts one from the other.
+    fn busy_time(&self) -> Option<Duration> {
+        match &self.cpu_clock {
+            Some(clock) => clock.read(),
+            None => Some(self.handle.metrics().worker_total_busy_duration(0)),
+        }
     }
 }
 

@@ -228,9 +228,11 @@ fn thread_ticks(pid: u32, name: &str) -> Vec<u64> {
 
 const WORKER_THREAD: &str = "pgwarden-worker";
 
-/// New clients placed on serving thread `thread` (0 is the listener's), as `/metrics` says.
-fn placed_on(metrics: &str, thread: usize) -> f64 {
-    let name = format!("pgwarden_thread_clients_placed_total{{kind=\"new\",thread=\"{thread}\"}}");
+/// Clients of `kind` (`new`, `moved`) placed on serving thread `thread` (0 is the
+/// listener's), as `/metrics` says.
+fn placed_on(metrics: &str, kind: &str, thread: usize) -> f64 {
+    let name =
+        format!("pgwarden_thread_clients_placed_total{{kind=\"{kind}\",thread=\"{thread}\"}}");
     metric_sum(metrics, &name).unwrap_or(0.0)
 }
 
@@ -241,14 +243,21 @@ async fn serving_threads_fill_in_order_or_take_turns_share_the_pool_and_one_serv
         users: vec![(user.to_owned(), format!("{user}-pw"))],
         ..PgwardenOptions::default()
     };
+    // Two serving threads, with `limit` as thread_busy_limit (`None`: the default).
+    let two_threads = |limit: Option<f64>| PgwardenOptions {
+        extra_server_toml: match limit {
+            Some(limit) => format!("worker_threads = 2\nthread_busy_limit = {limit}\n"),
+            None => "worker_threads = 2\n".to_owned(),
+        },
+        ..single("app")
+    };
     // Two serving threads that take clients in turn (a busy limit of 0), one backend
     // connection: clients of both must borrow it, so it moves between the threads' reactors.
     let two = Pgwarden::start(
         &cluster,
         PgwardenOptions {
-            extra_server_toml: "worker_threads = 2\nthread_busy_limit = 0\n".to_owned(),
             pool_size: 1,
-            ..single("app")
+            ..two_threads(Some(0.0))
         },
     )
     .await;
@@ -270,7 +279,7 @@ async fn serving_threads_fill_in_order_or_take_turns_share_the_pool_and_one_serv
     );
     let metrics = two.metrics().await;
     assert!(
-        placed_on(&metrics, 0) >= 4.0 && placed_on(&metrics, 1) >= 4.0,
+        placed_on(&metrics, "new", 0) >= 4.0 && placed_on(&metrics, "new", 1) >= 4.0,
         "clients were not given to both threads in turn:\n{metrics}"
     );
     assert!(
@@ -283,19 +292,12 @@ async fn serving_threads_fill_in_order_or_take_turns_share_the_pool_and_one_serv
     // them all while the second waits for more. The first run opens the pool's backend
     // connections (their SCRAM key derivation keeps a thread busy in a debug build, and
     // rightly sends clients elsewhere); the second, after a pause, only borrows them.
-    let fill = Pgwarden::start(
-        &cluster,
-        PgwardenOptions {
-            extra_server_toml: "worker_threads = 2\n".to_owned(),
-            ..single("app")
-        },
-    )
-    .await;
+    let fill = Pgwarden::start(&cluster, two_threads(None)).await;
     let mut before = (0.0, 0.0);
     let mut busy_while_serving = None;
     for round in ["opens the pool", "borrows from it"] {
         let metrics = fill.metrics().await;
-        before = (placed_on(&metrics, 0), placed_on(&metrics, 1));
+        before = (placed_on(&metrics, "new", 0), placed_on(&metrics, "new", 1));
         tokio::time::sleep(Duration::from_millis(300)).await;
         // The busy share is measured on its own every 50 ms: mid-run, the first thread's is
         // above zero.
@@ -317,8 +319,8 @@ async fn serving_threads_fill_in_order_or_take_turns_share_the_pool_and_one_serv
     );
     let metrics = fill.metrics().await;
     let placed = (
-        placed_on(&metrics, 0) - before.0,
-        placed_on(&metrics, 1) - before.1,
+        placed_on(&metrics, "new", 0) - before.0,
+        placed_on(&metrics, "new", 1) - before.1,
     );
     assert!(
         placed.0 >= 8.0 && placed.1 == 0.0,
@@ -329,14 +331,7 @@ async fn serving_threads_fill_in_order_or_take_turns_share_the_pool_and_one_serv
     // A limit so low that a thread serving one client is over it while the other, idle,
     // is under: the client moves between transactions (back and forth, a few times per
     // 50 ms), keeping its prepared statements, and no transaction fails.
-    let moving = Pgwarden::start(
-        &cluster,
-        PgwardenOptions {
-            extra_server_toml: "worker_threads = 2\nthread_busy_limit = 0.02\n".to_owned(),
-            ..single("app")
-        },
-    )
-    .await;
+    let moving = Pgwarden::start(&cluster, two_threads(Some(0.02))).await;
     let run = moving
         .pgbench(&["-S", "-M", "prepared", "-c", "1", "-T", "2"])
         .await;
@@ -344,13 +339,8 @@ async fn serving_threads_fill_in_order_or_take_turns_share_the_pool_and_one_serv
     assert_eq!(reported(&text, "number of failed transactions"), 0);
     assert!(reported(&text, "number of transactions actually processed") > 0);
     let metrics = moving.metrics().await;
-    let moved = |thread: usize| {
-        let name =
-            format!("pgwarden_thread_clients_placed_total{{kind=\"moved\",thread=\"{thread}\"}}");
-        metric_sum(&metrics, &name).unwrap_or(0.0)
-    };
     assert!(
-        moved(0) + moved(1) > 0.0,
+        placed_on(&metrics, "moved", 0) + placed_on(&metrics, "moved", 1) > 0.0,
         "the client never moved off its busy thread:\n{metrics}"
     );
     drop(moving);
