@@ -116,31 +116,71 @@ static WORD_BYTES: [bool; 256] = {
     table
 };
 
-/// Whether `word` (from [`sql_words`]) is one the rules below could act on.
+/// Whether `word` (from [`sql_words`]) is one the rules below could act on. Every word of
+/// every query comes here, so most are turned away by a table lookup on their first byte
+/// and length.
 pub fn is_pin_word(word: &[u8]) -> bool {
-    PIN_WORDS
-        .iter()
-        .any(|w| w.len() == word.len() && word.eq_ignore_ascii_case(w.as_bytes()))
-        // Every part holds a `_`, which most words do not.
-        || (word.contains(&b'_')
-            && PIN_WORD_PARTS
-                .iter()
-                .any(|part| contains_part(word, part.as_bytes())))
+    let Some(&first) = word.first() else {
+        return false;
+    };
+    let lengths = PIN_WORD_LENGTHS[first as usize];
+    (word.len() < 16
+        && lengths & (1 << word.len()) != 0
+        && PIN_WORDS
+            .iter()
+            .any(|w| w.len() == word.len() && word.eq_ignore_ascii_case(w.as_bytes())))
+        || (word.len() >= SHORTEST_PART && holds_pin_word_part(word))
 }
 
-/// Whether `word` holds `part`, in any case. Every part holds a `_`, so only the places
-/// where `word` has one are tried (most words have none).
-fn contains_part(word: &[u8], part: &[u8]) -> bool {
-    let Some(offset) = part.iter().position(|&b| b == b'_') else {
-        return contains_ignore_ascii_case(word, part);
-    };
+/// For each first byte (either case), the lengths of the [`PIN_WORDS`] it starts, as bits.
+static PIN_WORD_LENGTHS: [u16; 256] = {
+    let mut table = [0u16; 256];
+    let mut i = 0;
+    while i < PIN_WORDS.len() {
+        let word = PIN_WORDS[i].as_bytes();
+        assert!(
+            word.len() < 16,
+            "a pin word's length must fit the table's bits"
+        );
+        let bit = 1 << word.len();
+        table[word[0].to_ascii_lowercase() as usize] |= bit;
+        table[word[0].to_ascii_uppercase() as usize] |= bit;
+        i += 1;
+    }
+    table
+};
+
+/// The length of the shortest of [`PIN_WORD_PARTS`]: shorter words cannot hold one.
+const SHORTEST_PART: usize = {
+    let mut shortest = usize::MAX;
+    let mut i = 0;
+    while i < PIN_WORD_PARTS.len() {
+        if PIN_WORD_PARTS[i].len() < shortest {
+            shortest = PIN_WORD_PARTS[i].len();
+        }
+        i += 1;
+    }
+    shortest
+};
+
+/// Whether `word` holds one of [`PIN_WORD_PARTS`], in any case. Every part holds a `_`, so
+/// only the places where `word` has one are tried (most words have none), and a place is
+/// passed over unless the byte after its `_` is the part's.
+fn holds_pin_word_part(word: &[u8]) -> bool {
     word.iter()
         .enumerate()
         .filter(|&(_, &b)| b == b'_')
-        .filter_map(|(at, _)| at.checked_sub(offset))
-        .any(|start| {
-            word.get(start..start + part.len())
-                .is_some_and(|w| w.eq_ignore_ascii_case(part))
+        .any(|(at, _)| {
+            PIN_WORD_PARTS.iter().any(|part| {
+                let part = part.as_bytes();
+                let offset = part.iter().position(|&b| b == b'_').unwrap_or(0);
+                word.get(at + 1)
+                    .is_some_and(|b| b.eq_ignore_ascii_case(&part[offset + 1]))
+                    && at.checked_sub(offset).is_some_and(|start| {
+                        word.get(start..start + part.len())
+                            .is_some_and(|w| w.eq_ignore_ascii_case(part))
+                    })
+            })
         })
 }
 
@@ -374,13 +414,15 @@ mod tests {
             assert!(may_pin(sql), "{sql}");
             assert!(classify_sql(sql).is_some(), "{sql}");
         }
-        assert!(contains_part(
-            b"pg_try_ADVISORY_LOCK_shared",
-            b"advisory_lock"
-        ));
-        assert!(contains_part(b"pg_temp", b"pg_temp"));
-        assert!(!contains_part(b"pg_tem", b"pg_temp"));
-        assert!(!contains_part(b"_set_confi", b"set_config"));
+        assert!(holds_pin_word_part(b"pg_try_ADVISORY_LOCK_shared"));
+        assert!(holds_pin_word_part(b"pg_temp"));
+        assert!(
+            holds_pin_word_part(b"x_pg_temp_3"),
+            "a second `_` holds the part"
+        );
+        assert!(!holds_pin_word_part(b"pg_tem"));
+        assert!(!holds_pin_word_part(b"_set_confi"));
+        assert!(!holds_pin_word_part(b"pgbench_accounts"));
         assert!(contains_ignore_ascii_case(b"xDeAlLoCaTe", b"deallocate"));
         assert!(contains_ignore_ascii_case(b"deallocate", b"deallocate"));
         assert!(!contains_ignore_ascii_case(b"deallo", b"deallocate"));
@@ -395,8 +437,19 @@ mod tests {
             }
         }
         assert!(is_pin_word(b"pg_try_advisory_lock"));
-        // Near misses: the length and first letter of a pin word, or a part without its `_`.
-        for word in ["sex", "Heed", "TEMPORARx", "", "pg", "pgtemp", "setconfig"] {
+        // Near misses: the length and first letter of a pin word, its length and another first
+        // letter, a part cut short or without its `_`.
+        for word in [
+            "sex",
+            "xet",
+            "Heed",
+            "TEMPORARx",
+            "",
+            "pg",
+            "pg_tem",
+            "pgtemp",
+            "setconfig",
+        ] {
             assert!(!is_pin_word(word.as_bytes()), "{word}");
         }
     }
