@@ -50,6 +50,33 @@ async fn sigterm_finishes_the_open_transaction_then_closes_every_client_and_exit
     }
 }
 
+/// A serving task joins the shutdown token's waiters at its first wait and later waits only
+/// read the token: a client between its third and fourth transaction, which never parks
+/// here, must still be woken by SIGTERM and told, and pgwarden must not wait for it.
+#[tokio::test]
+async fn sigterm_wakes_a_client_waiting_between_transactions_that_never_parks() {
+    let cluster = PgCluster::start();
+    let mut pgwarden = Pgwarden::start(
+        &cluster,
+        PgwardenOptions {
+            extra_server_toml: "park_idle_clients_after = \"0s\"".to_owned(),
+            ..PgwardenOptions::default()
+        },
+    )
+    .await;
+    let client = pgwarden.connect("app", "app-pw", "app").await;
+    for _ in 0..3 {
+        client.simple_query("select 1").await.expect("query");
+    }
+    pgwarden.send_sigterm();
+    let status = pgwarden
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("pgwarden exits at once, not after shutdown_timeout (30s)");
+    assert!(status.success(), "exit status {status}");
+    assert_closed_by_shutdown(&client).await;
+}
+
 #[tokio::test]
 async fn sigterm_closes_session_mode_clients_between_transactions() {
     let cluster = PgCluster::start();

@@ -38,6 +38,8 @@ pub struct BackendConn {
     pub settings: crate::session::settings::Signature,
     /// Named statements prepared on this backend (transaction mode).
     pub statements: crate::session::statements::BackendStatements,
+    /// The relay's scratch for message boundaries, kept here so no transaction allocates it.
+    pub scan: Vec<crate::session::Boundary>,
     /// The worker thread whose reactor the socket is registered with.
     pub worker: usize,
     /// The pool slot; dropping the connection frees it.
@@ -81,6 +83,7 @@ impl BackendConn {
             to_backend: BytesMut::new(),
             to_client: BytesMut::new(),
             statements: Default::default(),
+            scan: Vec::new(),
             settings: crate::session::settings::defaults(),
             worker: crate::runtime::current_worker(),
             _slot: slot,

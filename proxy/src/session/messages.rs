@@ -89,8 +89,9 @@ pub struct BackendSide<'a> {
     pub settings: &'a mut Signature,
     pub to_backend: &'a mut BytesMut,
     pub to_client: &'a mut BytesMut,
-    /// Message boundaries found in the current read, reused between reads of one round.
-    pub scan: Vec<Boundary>,
+    /// Message boundaries found in the current read: scratch kept with the backend
+    /// connection, so no round allocates it.
+    pub scan: &'a mut Vec<Boundary>,
 }
 
 /// Walks `input` into `scan` (cleared first); stops before a whole message tagged `stop`.
@@ -151,7 +152,7 @@ pub fn process_client(
     side: &mut BackendSide<'_>,
     input: &[u8],
 ) -> Result<(usize, bool), ProtocolError> {
-    let mut scan = std::mem::take(&mut side.scan);
+    let mut scan = std::mem::take(side.scan);
     let (consumed, stopped) = find_boundaries(
         &mut s.client_walker,
         input,
@@ -175,7 +176,7 @@ pub fn process_client(
         }
     }
     side.to_backend.extend_from_slice(&input[copied..consumed]);
-    side.scan = scan;
+    *side.scan = scan;
     s.plan.flush_synthetic(side.to_client);
     Ok((consumed, stopped))
 }
@@ -520,7 +521,7 @@ pub fn process_backend(
     side: &mut BackendSide<'_>,
     input: &[u8],
 ) -> Result<usize, ProtocolError> {
-    let mut scan = std::mem::take(&mut side.scan);
+    let mut scan = std::mem::take(side.scan);
     // No backend message stops the walk (0 is not a message type).
     let (consumed, _) = find_boundaries(walker, input, backend_inspects, 0, &mut scan)?;
     let mut events = Vec::new();
@@ -615,7 +616,7 @@ pub fn process_backend(
     if walker.at_boundary() {
         s.plan.flush_synthetic(side.to_client);
     }
-    side.scan = scan;
+    *side.scan = scan;
     result.map(|()| consumed)
 }
 
@@ -661,7 +662,13 @@ fn apply_events(s: &mut Session, side: &mut BackendSide<'_>, events: &mut Vec<Ev
             Event::PlanChanged { name } => side.statements.mark_stale(&name),
             Event::ReplayDone { failed } => {
                 if failed {
-                    tracing::warn!("replaying a client's settings failed; the backend's settings are reset on next use");
+                    // Named: the client's span is not entered at this level.
+                    tracing::warn!(
+                        target_name = %s.target().name(),
+                        database = %s.pool.key.database,
+                        user = %s.pool.key.user,
+                        "replaying a client's settings failed; the backend's settings are reset on next use"
+                    );
                     *side.settings = settings::UNKNOWN;
                 }
             }

@@ -14,6 +14,7 @@
 mod authenticate;
 mod cleanup;
 mod handshake;
+mod log_span;
 mod messages;
 pub mod plan;
 mod relay;
@@ -33,7 +34,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::task::task_tracker::TaskTrackerToken;
-use tracing::{debug, info, info_span, Instrument};
+use tracing::{debug, info, Instrument};
 
 use crate::app::{App, Live};
 use crate::backend::{BackendConn, ConnectError};
@@ -47,6 +48,8 @@ use pgwarden_protocol::startup::CancelKey;
 
 use crate::stream::ClientStream;
 use handshake::{handshake, Handshake, HandshakeError, Negotiated};
+use log_span::{client_span, Serving};
+pub use messages::Boundary;
 
 /// A client that finished setup and is being served.
 pub struct Session {
@@ -150,41 +153,6 @@ struct Held {
     _quota: Option<QuotaGuard>,
 }
 
-impl Client {
-    /// A span with the fields of the one the client was set up in, for a client woken from
-    /// parking. A parked client keeps no span: at the `info` level the subscriber keeps a
-    /// span's fields in memory for as long as the span lives, about 0.4 KiB a client
-    /// (10,000 parked clients: 1.40 KiB each with the span, 1.01 without), more than half
-    /// the rest of a parked client's state.
-    fn span_again(&self) -> tracing::Span {
-        let info = self.session.cancel.info();
-        let key = &self.session.pool.key;
-        let span = client_span(info.peer);
-        span.record("user", key.user.as_str());
-        span.record("database", key.database.as_str());
-        span.record("target", self.session.target().name());
-        if let Some(principal) = &info.principal {
-            span.record("principal", principal.as_str());
-        }
-        span.record("tls", info.tls);
-        span
-    }
-}
-
-/// The span of a client's log lines. Setup records the other fields as it learns them;
-/// a client woken from parking gets them all at once ([`Client::span_again`]).
-fn client_span(peer: SocketAddr) -> tracing::Span {
-    info_span!(
-        "client",
-        %peer,
-        user = tracing::field::Empty,
-        database = tracing::field::Empty,
-        target = tracing::field::Empty,
-        principal = tracing::field::Empty,
-        tls = tracing::field::Empty
-    )
-}
-
 /// Serves one accepted client connection until it closes (or parks: then a new task takes
 /// it up, see [`resume`]).
 ///
@@ -197,20 +165,18 @@ pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, admission: Adm
     // and a client between transactions should not pay for the handshake's state.
     let setup = Box::pin(setup(app, tcp, peer, admission).instrument(span.clone()));
     if let Some((client, buf, held)) = setup.await {
-        relay::serve(client, buf, held).instrument(span).await;
+        Serving::new(relay::serve(client, buf, held), span).await;
     }
 }
 
 /// Serves a client woken from parking, in a new task.
 pub async fn resume(mut client: Box<Client>) {
-    let span = client.span_again();
+    let span = log_span::span_again(&client);
     if let Err(e) = client.stream.socket_mut().unpark() {
         debug!(parent: &span, error = %e, "could not take up a parked client");
         return;
     }
-    relay::serve(client, BytesMut::new(), None)
-        .instrument(span)
-        .await;
+    Serving::new(relay::serve(client, BytesMut::new(), None), span).await;
 }
 
 /// Handshake, authentication and the first ReadyForQuery; serves console clients whole.

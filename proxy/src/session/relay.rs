@@ -13,6 +13,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Sleep;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::stream::ClientStream;
 use bytes::{Buf, BytesMut};
@@ -29,6 +30,7 @@ use super::messages::{answer_without_backend, process_backend, process_client, B
 use super::plan::Expect;
 use super::{cleanup, Client, Failure, Session};
 use crate::backend::BackendConn;
+use crate::pinning::PinReason;
 
 /// When a buffer has less spare room than `MIN_SPARE`, it grows by this much.
 const READ_CHUNK: usize = 16 * 1024;
@@ -72,29 +74,31 @@ pub fn serve(
     mut client: Box<Client>,
     mut cbuf: BytesMut,
     held: Option<Box<BackendConn>>,
-) -> impl Future<Output = ()> {
+) -> impl Future<Output = Option<Departure>> {
     // An `async` block, not an `async fn`: the arguments are its captures, held once.
     // An `async fn` keeps a copy of each argument it moved into a local, for its whole life.
     async move {
         if held.is_some() && Box::pin(transaction(&mut client, &mut cbuf, held)).await == Next::Stop
         {
-            return disconnected(&client);
+            return Some(Departure::of(&client));
         }
         let mut may_park = true;
         // One timer for every wait: pushing its deadline later is a store, not a trip to the
         // timer wheel (it fires at the old deadline at most once and re-arms itself).
         let park_timer = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(park_timer);
+        // Likewise one watch for shutdown, made at the first wait.
+        let mut shutdown = None;
         loop {
             let timer = may_park.then_some(park_timer.as_mut());
-            match wait_for_client(&mut client, &mut cbuf, timer).await {
+            match wait_for_client(&mut client, &mut cbuf, timer, &mut shutdown).await {
                 Wait::Ready => {}
                 Wait::Closed => break,
                 Wait::Park => {
                     client.session.release_scratch();
                     let app = client.session.app.clone();
                     match app.parking.park(client) {
-                        Ok(()) => return,
+                        Ok(()) => return None,
                         Err(back) => {
                             // Shutting down, or the socket would not move: wait here instead.
                             client = back;
@@ -109,12 +113,12 @@ pub fn serve(
             }
             if cbuf.is_empty() {
                 match move_off_busy_thread(client) {
-                    Ok(()) => return,
+                    Ok(()) => return None,
                     Err(stays) => client = stays,
                 }
             }
         }
-        disconnected(&client);
+        Some(Departure::of(&client))
     }
 }
 
@@ -138,19 +142,36 @@ fn move_off_busy_thread(mut client: Box<Client>) -> Result<(), Box<Client>> {
     Ok(())
 }
 
-fn disconnected(client: &Client) {
-    info!(
-        duration_ms = client
-            .session
-            .cancel
-            .info()
-            .connected
-            .elapsed()
-            .unwrap_or_default()
-            .as_millis() as u64,
-        pinned = client.session.pinned.map(|p| p.as_str()),
-        "client disconnected"
-    );
+/// A client that left (not one that parked or moved: another task serves those), for its
+/// last log line.
+pub struct Departure {
+    connected_for: Duration,
+    pinned: Option<PinReason>,
+}
+
+impl Departure {
+    fn of(client: &Client) -> Self {
+        Self {
+            connected_for: client
+                .session
+                .cancel
+                .info()
+                .connected
+                .elapsed()
+                .unwrap_or_default(),
+            pinned: client.session.pinned,
+        }
+    }
+
+    /// Written under the client's span, which serving may not have entered.
+    pub fn log(&self, span: &tracing::Span) {
+        info!(
+            parent: span,
+            duration_ms = self.connected_for.as_millis() as u64,
+            pinned = self.pinned.map(|p| p.as_str()),
+            "client disconnected"
+        );
+    }
 }
 
 /// Whether the client goes on after a transaction.
@@ -258,11 +279,14 @@ enum Wait {
 }
 
 /// Waits, holding no backend, until the client sends something; parks it after
-/// `park_idle_clients_after` if given a `park_timer`.
+/// `park_idle_clients_after` if given a `park_timer`. `shutdown` is the serving task's watch
+/// for shutdown, made here on first use: kept from wait to wait, it joins the token's list
+/// of waiters (under a lock) once per task instead of at every transaction.
 async fn wait_for_client(
     client: &mut Client,
     cbuf: &mut BytesMut,
     park_timer: Option<Pin<&mut Sleep>>,
+    shutdown: &mut Option<Pin<Box<WaitForCancellationFutureOwned>>>,
 ) -> Wait {
     if !cbuf.is_empty() {
         return Wait::Ready;
@@ -291,13 +315,22 @@ async fn wait_for_client(
             .as_mut()
             .reset(tokio::time::Instant::now() + park_after);
     }
-    let shutdown = s.app.shutdown_shard(s.cancel.key()).cancelled();
-    tokio::pin!(shutdown);
+    let token = s.app.shutdown_shard(s.cancel.key());
+    // The watch joins the token's waiters at its first poll, leaving the task's waker there,
+    // which is the same at every poll of the task: later waits only read the token.
+    let mut join = shutdown.is_none();
+    let watch = shutdown.get_or_insert_with(|| Box::pin(token.clone().cancelled_owned()));
     loop {
         // A poll of three sources rather than `select!` on three futures: this future is
         // what an idle client costs until it parks (see `serve`).
         let woke = poll_fn(|cx| {
-            if shutdown.as_mut().poll(cx).is_ready() {
+            let stopping = if join {
+                join = false;
+                watch.as_mut().poll(cx).is_ready()
+            } else {
+                token.is_cancelled()
+            };
+            if stopping {
                 return Poll::Ready(Woke::Shutdown);
             }
             if let Poll::Ready(ready) = stream.poll_readable(cx) {
@@ -466,7 +499,7 @@ async fn relay(
         settings: &mut backend.settings,
         to_backend: &mut backend.to_backend,
         to_client: &mut backend.to_client,
-        scan: Vec::new(),
+        scan: &mut backend.scan,
     };
     if s.releases_per_transaction() && *side.settings != s.settings.signature() {
         // The backend carries someone else's settings: make them the client's own first.
@@ -548,18 +581,16 @@ async fn relay(
             let token = s.app.shutdown_shard(s.cancel.key()).clone();
             shutdown_signal = Some(Box::pin(token.cancelled_owned()));
         }
+        // Writes first, then the backend's answer, then the client: a round trip then polls
+        // the idle client once (at the start of the wait), not after every step. Each poll
+        // of a socket that is not ready registers with the reactor again, under a lock.
+        // Nothing starves: a side is read only while its outgoing buffer is under HIGH_WATER.
         let event = poll_fn(|cx| {
             if !tx.backend_fatal {
                 if let Poll::Ready(r) =
                     poll_send(backend_stream, side.to_backend, &mut backend_unflushed, cx)
                 {
                     return Poll::Ready(Event::ToBackend(r));
-                }
-            }
-            if read_client {
-                reserve(cbuf);
-                if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut *stream), cx, cbuf) {
-                    return Poll::Ready(Event::FromClient(r));
                 }
             }
             if let Poll::Ready(r) = poll_send(stream, side.to_client, &mut client_unflushed, cx) {
@@ -569,6 +600,12 @@ async fn relay(
                 reserve(bbuf);
                 if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut *backend_stream), cx, bbuf) {
                     return Poll::Ready(Event::FromBackend(r));
+                }
+            }
+            if read_client {
+                reserve(cbuf);
+                if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut *stream), cx, cbuf) {
+                    return Poll::Ready(Event::FromClient(r));
                 }
             }
             if let Some(signal) = shutdown_signal.as_mut().filter(|_| watch_shutdown) {
