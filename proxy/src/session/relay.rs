@@ -581,10 +581,11 @@ async fn relay(
             let token = s.app.shutdown_shard(s.cancel.key()).clone();
             shutdown_signal = Some(Box::pin(token.cancelled_owned()));
         }
-        // Writes first, then the backend's answer, then the client: a round trip then polls
-        // the idle client once (at the start of the wait), not after every step. Each poll
-        // of a socket that is not ready registers with the reactor again, under a lock.
-        // Nothing starves: a side is read only while its outgoing buffer is under HIGH_WATER.
+        // Writes first, then the backend's answer, then the client: in a round trip the
+        // client's socket, quiet while its request runs, is then polled once (while the
+        // backend works) instead of after every step. Each poll of a socket that is not
+        // ready registers with the reactor again, under a lock. Nothing starves: a side is
+        // read only while its outgoing buffer is under HIGH_WATER.
         let event = poll_fn(|cx| {
             if !tx.backend_fatal {
                 if let Poll::Ready(r) =
