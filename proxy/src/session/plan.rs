@@ -163,8 +163,17 @@ impl Plan {
     }
 
     /// Writes pgwarden's own answers that are due now: those at the head of the queue,
-    /// with nothing owed by the backend before them.
+    /// with nothing owed by the backend before them. Called for every inspected message
+    /// and almost always with none due, so that check is inlined and the loop is not.
+    #[inline]
     pub fn flush_synthetic(&mut self, out: &mut BytesMut) {
+        if self.queue.front().is_some_and(is_synthetic) {
+            self.write_synthetic(out);
+        }
+    }
+
+    #[inline(never)]
+    fn write_synthetic(&mut self, out: &mut BytesMut) {
         while self.queue.front().is_some_and(is_synthetic) {
             if let Some(expect) = self.queue.pop_front() {
                 synthesize(&expect, out);
