@@ -258,3 +258,34 @@ async fn a_pin_filter_keeps_a_client_sharing_backends_and_counts_it() {
         "{metrics}"
     );
 }
+
+/// At `debug`, lines written while a client is served (here: its pin) carry the client's
+/// span; at `info` serving does not enter it (`session/log_span.rs`), so this fails if the
+/// span is not entered at `debug` either.
+#[tokio::test]
+async fn at_debug_a_pin_is_logged_with_the_clients_span() {
+    let cluster = PgCluster::start();
+    let pgwarden = Pgwarden::start(
+        &cluster,
+        PgwardenOptions {
+            env: vec![("RUST_LOG".to_owned(), "debug".to_owned())],
+            ..options(2)
+        },
+    )
+    .await;
+    let client = pgwarden.connect("app", "app-pw", "app").await;
+    client
+        .batch_execute("prepare p as select 1")
+        .await
+        .expect("SQL PREPARE pins");
+    let log = pgwarden.log();
+    let pinned: serde_json::Value = log
+        .lines()
+        .find(|line| line.contains("client pinned to its backend"))
+        .and_then(|line| serde_json::from_str(line).ok())
+        .unwrap_or_else(|| panic!("no pin line in\n{log}"));
+    let span = &pinned["span"];
+    assert_eq!(span["name"], "client", "{pinned}");
+    assert_eq!(span["user"], "app", "{pinned}");
+    assert_eq!(span["database"], "app", "{pinned}");
+}

@@ -662,7 +662,7 @@ fn apply_events(s: &mut Session, side: &mut BackendSide<'_>, events: &mut Vec<Ev
             Event::PlanChanged { name } => side.statements.mark_stale(&name),
             Event::ReplayDone { failed } => {
                 if failed {
-                    // Named: the client's span is not entered at this level.
+                    // Named: at `info` serving does not enter the client's span.
                     tracing::warn!(
                         target_name = %s.target().name(),
                         database = %s.pool.key.database,
