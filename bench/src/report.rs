@@ -226,7 +226,10 @@ pub fn goals(s: &[Summary], candidate: &str, baseline: &str, direct: Option<&str
         goal: format!("memory per idle client connection ≤ {baseline}'s"),
         measured: match (c, b) {
             (Some((c, n)), Some((b, _))) => {
-                format!("{candidate} {c:.1} KiB, {baseline} {b:.1} KiB (at {n} idle clients)")
+                // In bytes: the goal is judged on the unrounded figures, which at 0.1 KiB
+                // often read the same.
+                let (c, b) = (c * 1024.0, b * 1024.0);
+                format!("{candidate} {c:.0} B, {baseline} {b:.0} B (at {n} idle clients)")
             }
             _ => "not measured".to_owned(),
         },
@@ -399,5 +402,9 @@ mod tests {
             .find(|g| g.goal.contains("idle"))
             .expect("idle goal");
         assert_eq!(idle.met, Some(false), "4.0 KiB > 1.0 KiB");
+        assert_eq!(
+            idle.measured,
+            "cand 4096 B, base 1024 B (at 100 idle clients)"
+        );
     }
 }
