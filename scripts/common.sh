@@ -1,4 +1,4 @@
-# Shell helpers shared by scripts/setup, scripts/bench and scripts/build-pgo (sourced, not run).
+# Shell helpers shared by scripts/setup, scripts/test, scripts/bench and scripts/build-pgo (sourced, not run).
 
 # The directory with the Postgres server binaries (initdb, pg_ctl, pgbench, psql), or
 # nothing if there is none: Debian's Postgres 15 first, then whatever pg_config names.
